@@ -1,0 +1,21 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+
+class ModuleDocFragment(object):
+    """The libvirt connection option shared by modules that talk to libvirtd."""
+
+    DOCUMENTATION = r"""
+options:
+  uri:
+    description:
+      - libvirt connection URI of the hypervisor.
+      - C(test:///default) is libvirt's in-memory test driver, useful to check definitions without a host.
+    type: str
+    default: qemu:///system
+"""

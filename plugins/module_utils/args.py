@@ -1,0 +1,34 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Argument specs shared by several modules; each matches a doc fragment of the same name."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+# Matches plugins/doc_fragments/etcd.py.
+ETCD_ARGS = dict(
+    etcd_endpoints=dict(type="list", elements="str", default=["http://127.0.0.1:2379"]),
+    etcd_prefix=dict(type="str", default="/smallcloud/v1"),
+    etcd_ca_cert=dict(type="path"),
+    etcd_cert=dict(type="path"),
+    etcd_key=dict(type="path", no_log=False),
+    etcd_user=dict(type="str"),
+    etcd_password=dict(type="str", no_log=True),
+    etcd_timeout=dict(type="int", default=10),
+)
+
+# Matches plugins/doc_fragments/libvirt.py.
+LIBVIRT_ARGS = dict(
+    uri=dict(type="str", default="qemu:///system"),
+)
+
+
+def with_common(spec, *common):
+    """A new argument spec: ``spec`` plus each shared spec in ``common``."""
+    merged = {}
+    for part in common:
+        merged.update(part)
+    merged.update(spec)
+    return merged

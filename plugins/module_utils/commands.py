@@ -1,0 +1,34 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Run host commands as argv lists (never through a shell) and raise CommandFailed with the output."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import subprocess
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import CommandFailed, HostError
+
+
+def run(argv, check=True, input_text=None, timeout=300, env=None):
+    """Run ``argv``; return (rc, stdout, stderr). With ``check``, non-zero exit raises CommandFailed."""
+    argv = [str(arg) for arg in argv]
+    try:
+        process = subprocess.run(
+            argv, input=input_text, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except OSError as error:
+        raise HostError("cannot run %s: %s" % (argv[0], error), argv=argv)
+    except subprocess.TimeoutExpired:
+        raise HostError("%s did not finish within %s seconds" % (" ".join(argv), timeout), argv=argv)
+    if check and process.returncode != 0:
+        raise CommandFailed(
+            "%s failed (exit %d): %s" % (" ".join(argv), process.returncode, process.stderr.strip() or process.stdout.strip()),
+            argv=argv,
+            rc=process.returncode,
+            stdout=process.stdout,
+            stderr=process.stderr,
+        )
+    return process.returncode, process.stdout, process.stderr

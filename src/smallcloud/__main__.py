@@ -1,0 +1,5 @@
+import sys
+
+from smallcloud.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""A running libvirtd: reuse the one that answers, else start virtlogd + libvirtd ourselves."""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from harness.ports import wait_for
+
+SYSTEM_URI = "qemu:///system"
+
+
+def libvirt_answers(uri=SYSTEM_URI):
+    result = subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, timeout=20, check=False)
+    return result.returncode == 0
+
+
+def _daemon_running(pidfile):
+    try:
+        os.kill(int(Path(pidfile).read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+class Libvirtd:
+    """Ensures libvirtd answers on qemu:///system; stop() ends only the daemons it started."""
+
+    DAEMONS = (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid"))
+
+    def __init__(self):
+        self.started = []
+        if libvirt_answers():
+            return
+        # Without systemd's socket activation libvirtd needs virtlogd running, or starting
+        # a domain fails with "Failed to connect socket to '/run/libvirt/virtlogd-sock'".
+        for daemon, pidfile in self.DAEMONS:
+            if not _daemon_running(pidfile):
+                subprocess.run([daemon, "-d"], check=True, timeout=30)
+                self.started.append((daemon, pidfile))
+        wait_for(libvirt_answers, 60, interval=0.5, what="libvirtd answering on qemu:///system")
+
+    uri = SYSTEM_URI
+
+    def stop(self):
+        for daemon, pidfile in reversed(self.started):
+            try:
+                pid = int(Path(pidfile).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda pid=pid: not _pid_alive(pid), 30, what=f"{daemon} exit")
+        self.started = []
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

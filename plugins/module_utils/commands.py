@@ -20,12 +20,13 @@ def run(argv, check=True, input_text=None, timeout=300, env=None):
             argv, input=input_text, capture_output=True, text=True, timeout=timeout, env=env, check=False
         )
     except OSError as error:
-        raise HostError("cannot run %s: %s" % (argv[0], error), argv=argv)
-    except subprocess.TimeoutExpired:
-        raise HostError("%s did not finish within %s seconds" % (" ".join(argv), timeout), argv=argv)
+        raise HostError("cannot run %s: %s" % (argv[0], error), argv=argv) from error
+    except subprocess.TimeoutExpired as error:
+        raise HostError("%s did not finish within %s seconds" % (" ".join(argv), timeout), argv=argv) from error
     if check and process.returncode != 0:
+        output = process.stderr.strip() or process.stdout.strip()
         raise CommandFailed(
-            "%s failed (exit %d): %s" % (" ".join(argv), process.returncode, process.stderr.strip() or process.stdout.strip()),
+            "%s failed (exit %d): %s" % (" ".join(argv), process.returncode, output),
             argv=argv,
             rc=process.returncode,
             stdout=process.stdout,

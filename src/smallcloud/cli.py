@@ -51,7 +51,7 @@ def exec_tool(tool, args):
     make_blocking()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(path, [path, *args])
+    os.execv(path, [path, *args])  # noqa: S606 - exec'ing the tool is the point
     return 0  # not reached
 
 
@@ -76,7 +76,8 @@ def main(argv=None):
     if command in ("version", "--version"):
         print(f"smallcloud {__version__}")
         return 0
-    return fail(f"unknown command '{command}'; run 'smallcloud --help' (commands: {', '.join([*TOOLS, 'demo', 'version'])})")
+    known = ", ".join([*TOOLS, "demo", "version"])
+    return fail(f"unknown command '{command}'; run 'smallcloud --help' (commands: {known})")
 
 
 if __name__ == "__main__":

@@ -111,5 +111,6 @@ def run_module(module, module_args=None, check=False, diff=False, env=None, **kw
     run = run_tasks([task], check=check, diff=diff, env=env, **kwargs)
     results = run.results()
     if not results:
-        raise AssertionError(f"ansible-playbook gave no result (rc={run.rc}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        output = f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        raise AssertionError(f"ansible-playbook gave no result (rc={run.rc}):\n{output}")
     return results[-1]

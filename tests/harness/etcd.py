@@ -77,6 +77,7 @@ class EtcdCluster:
     """``size`` etcd members on loopback forming one cluster; stop() ends them all."""
 
     def __init__(self, workdir, size=1):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
         token = f"smallcloud-test-{uuid.uuid4().hex[:8]}"
         self.members = [EtcdMember(f"m{i}", workdir) for i in range(size)]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)

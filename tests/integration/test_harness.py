@@ -19,7 +19,7 @@ def test_etcd_fixture_serves_a_private_prefix(etcd):
 
 
 def test_etcd_cluster_members_agree_and_stop(tmp_path):
-    cluster = EtcdCluster(tmp_path, size=3)
+    cluster = EtcdCluster(tmp_path / "not-yet-there", size=3)
     try:
         members = etcd_request(cluster.endpoints[0], "cluster/member/list", {})["members"]
         assert len(members) == 3
@@ -65,3 +65,8 @@ def test_ansible_driver_returns_module_results(ansible, tmp_path):
     assert applied["changed"] is True and target.exists()
     failed = ansible.run_module("ansible.builtin.file", {"path": str(tmp_path / "no" / "such"), "state": "file"})
     assert failed["failed"] is True and "no/such" in failed["msg"]
+
+
+def test_etcd_cluster_fixture_starts_members(etcd_cluster):
+    cluster = etcd_cluster(3)
+    assert len(etcd_request(cluster.endpoints[1], "cluster/member/list", {})["members"]) == 3

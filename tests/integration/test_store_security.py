@@ -1,0 +1,166 @@
+"""The store against etcd with authentication and with client-certificate TLS (each its own etcd)."""
+
+import ssl
+import subprocess
+import urllib.request
+
+import pytest
+from harness.etcd import ETCD_BINARY, EtcdCluster, EtcdMember
+from harness.ports import wait_for
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import StoreAuthError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "pw-Xq93-secret"
+
+
+# authentication ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(tmp_path_factory):
+    """A single etcd with user root (PASSWORD) and authentication enabled."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-auth"), size=1)
+    try:
+        for argv in (["user", "add", "root:" + PASSWORD], ["auth", "enable"]):
+            subprocess.run(["etcdctl", "--endpoints", cluster.endpoints[0], *argv], check=True, capture_output=True)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _auth_store(cluster, **params):
+    """A Store on the auth etcd with ``params`` as the connection options."""
+    return Store.from_params({"etcd_endpoints": cluster.endpoints, "etcd_prefix": "/auth-test/v1", **params})
+
+
+def test_user_and_password_are_used(auth_etcd):
+    store = _auth_store(auth_etcd, etcd_user="root", etcd_password=PASSWORD)
+    store.put("networks/a", {"ok": True})
+    assert store.get("networks/a") == {"ok": True}
+    vni = store.allocate_vni("network/a")
+    with store.lock("network/a", ttl=2, timeout=2):
+        assert store.release_vni(vni)
+    assert store.delete_prefix("networks") == 1
+    assert store.keys("") == []
+
+
+def test_expired_token_is_renewed(auth_etcd):
+    store = _auth_store(auth_etcd, etcd_user="root", etcd_password=PASSWORD)
+    assert store.get("networks/none") is None
+    # What etcd answers once a token expired (simple tokens live 5 minutes): renewed, request repeated.
+    store.gateway._clients[store.gateway._current].session.headers["Authorization"] = "expired.1"
+    assert store.get("networks/none") is None
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"etcd_user": "root", "etcd_password": "wrong"}, "authentication failed"),
+        ({"etcd_user": "nobody", "etcd_password": PASSWORD}, "authentication failed"),
+        ({}, "user name is empty"),
+    ],
+)
+def test_refused_credentials_are_a_typed_error_without_the_password(auth_etcd, params, said):
+    with pytest.raises(StoreAuthError) as caught:
+        _auth_store(auth_etcd, **params).get("networks/a")
+    assert said in caught.value.msg and auth_etcd.endpoints[0] in caught.value.msg
+    assert PASSWORD not in caught.value.msg + repr(caught.value.details)
+
+
+# TLS --------------------------------------------------------------------------------------------------
+
+
+def _openssl(*argv, cwd):
+    subprocess.run(["openssl", *argv], cwd=cwd, check=True, capture_output=True)
+
+
+EC_KEY = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+
+
+def _make_ca(directory, name):
+    """A throwaway CA: ``name``.pem / ``name``.key in ``directory``."""
+    _openssl(*f"req -x509 {EC_KEY} -days 2 -keyout {name}.key -out {name}.pem -subj /CN={name}".split(), cwd=directory)
+
+
+def _make_cert(directory, ca, name, usage):
+    """A certificate ``name``.pem / ``name``.key for 127.0.0.1 signed by ``ca``."""
+    (directory / (name + ".ext")).write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=%s\n" % usage)
+    _openssl(*f"req {EC_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}".split(), cwd=directory)
+    sign = f"x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -days 2 -out {name}.pem"
+    _openssl(*sign.split(), "-extfile", name + ".ext", cwd=directory)
+
+
+class TlsMember(EtcdMember):
+    """An etcd member serving clients over https and requiring a client certificate signed by its CA."""
+
+    def __init__(self, workdir, pki):
+        super().__init__("tls0", workdir)
+        self.pki = pki
+
+    @property
+    def client_url(self):
+        return f"https://127.0.0.1:{self.client_port}"
+
+    def argv(self, initial_cluster, token):
+        pki = self.pki
+        tls = f"--cert-file {pki}/server.pem --key-file {pki}/server.key --trusted-ca-file {pki}/ca.pem"
+        tls += " --client-cert-auth"
+        return super().argv(initial_cluster, token) + tls.split()
+
+    def healthy(self):
+        context = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        context.load_cert_chain(str(self.pki / "client.pem"), str(self.pki / "client.key"))
+        try:
+            with urllib.request.urlopen(self.client_url + "/health", timeout=2, context=context) as response:
+                return b'"health":"true"' in response.read()
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(tmp_path_factory):
+    """``(endpoint, pki directory)`` of an etcd that wants TLS with client certificates."""
+    pki = tmp_path_factory.mktemp("pki")
+    _make_ca(pki, "ca")
+    _make_ca(pki, "other-ca")
+    _make_cert(pki, "ca", "server", "serverAuth,clientAuth")  # etcd's gateway dials itself with it
+    _make_cert(pki, "ca", "client", "clientAuth")
+    _make_cert(pki, "other-ca", "stranger", "clientAuth")
+    member = TlsMember(tmp_path_factory.mktemp("etcd-tls"), pki)
+    assert ETCD_BINARY
+    member.start(f"{member.name}={member.peer_url}", "smallcloud-tls-test")
+    try:
+        wait_for(member.healthy, 60, what="TLS etcd healthy")
+        yield member.client_url, pki
+    finally:
+        member.stop()
+
+
+def _tls_store(endpoint, pki, ca="ca", cert="client"):
+    """A Store over TLS with the given CA and client certificate names (None: leave out)."""
+    params = {"etcd_endpoints": [endpoint], "etcd_prefix": "/tls-test/v1", "etcd_ca_cert": str(pki / (ca + ".pem"))}
+    if cert:
+        params.update(etcd_cert=str(pki / (cert + ".pem")), etcd_key=str(pki / (cert + ".key")))
+    return Store.from_params(params)
+
+
+def test_client_certificate_tls(tls_etcd):
+    endpoint, pki = tls_etcd
+    store = _tls_store(endpoint, pki)
+    store.put("hosts/h1", {"tls": True})
+    assert store.get("hosts/h1") == {"tls": True}
+    assert store.delete_prefix("hosts") == 1
+    # Without a scheme, an endpoint with TLS options is https.
+    bare = _tls_store(endpoint.replace("https://", ""), pki)
+    assert bare.gateway.endpoint.url == endpoint and bare.get("hosts/h1") is None
+
+
+@pytest.mark.parametrize(("ca", "cert"), [("other-ca", "client"), ("ca", "stranger"), ("ca", None)])
+def test_tls_failures_are_auth_errors_naming_the_endpoint(tls_etcd, ca, cert):
+    endpoint, pki = tls_etcd
+    with pytest.raises(StoreAuthError) as caught:
+        _tls_store(endpoint, pki, ca=ca, cert=cert).get("hosts/h1")
+    assert "TLS" in caught.value.msg and endpoint in caught.value.msg

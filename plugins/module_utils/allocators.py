@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Pure logic behind the allocators: value ranges, address arithmetic, MAC format, picking a free value.
 
 Nothing here talks to etcd; ``store.Store`` reads the taken set, asks ``pick_free`` for a candidate and

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Requests to etcd's JSON gateway (/v3/) through etcd3gw, with endpoint failover, TLS and auth.
 
 etcd3gw talks to one host; ``EtcdGateway`` keeps one etcd3gw client per endpoint, sticks to the last

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Observe -> desired -> plan -> apply, with one check-mode gate.
 
 A runner fills a Plan with what differs (for ``--diff``) and the steps that would fix it

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # tests/harness/paths.py has it for test modules
 # The checkout is linked as ansible_collections/smallcloud/kvm by scripts/bootstrap, so tests
 # import module_utils by the same names the modules use.
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))

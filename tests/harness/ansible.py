@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness.paths import ROOT
 VENV_BIN = Path(sys.executable).parent
 # The managed host's own Python, with Debian's libvirt, pyroute2 and etcd3gw: what a hypervisor has.
 MANAGED_PYTHON = "/usr/bin/python3"

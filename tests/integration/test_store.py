@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from harness.paths import ROOT
 from harness.etcd import EtcdCluster, b64, etcd_request
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (

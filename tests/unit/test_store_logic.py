@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from harness.paths import ROOT
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import etcd_gateway
 from ansible_collections.smallcloud.kvm.plugins.module_utils.allocators import (

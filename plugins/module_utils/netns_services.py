@@ -1,0 +1,259 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What runs inside a network's gateway namespace: the namespace itself, sysctls, nftables, dnsmasq.
+
+All commands are argv lists through module_utils.commands; ``netns=None`` means the caller's namespace.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import os
+import signal
+import time
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
+
+NETNS_DIR = "/run/netns"  # where `ip netns` keeps named namespaces
+NFT_TABLE = "smallcloud"
+FLOATING_DNAT = "floating_dnat"
+FLOATING_SNAT = "floating_snat"
+
+
+def in_netns(netns, argv):
+    """``argv`` run inside ``netns`` (unchanged for the caller's namespace)."""
+    return (["ip", "netns", "exec", netns] + list(argv)) if netns else list(argv)
+
+
+# namespaces ------------------------------------------------------------------------------------
+
+
+def netns_exists(name):
+    """True when the named namespace exists."""
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def netns_add(name):
+    """Create namespace ``name`` with loopback up."""
+    commands.run(["ip", "netns", "add", name])
+    commands.run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+
+def netns_delete(name):
+    """Delete namespace ``name`` (its links and nftables go with it) if it exists."""
+    if netns_exists(name):
+        commands.run(["ip", "netns", "delete", name])
+
+
+# sysctls ---------------------------------------------------------------------------------------
+
+
+def sysctl_get(netns, key):
+    """The value of sysctl ``key`` in ``netns`` as a string."""
+    return commands.run(in_netns(netns, ["sysctl", "-n", key]))[1].strip()
+
+
+def sysctl_set(netns, key, value):
+    """Set sysctl ``key`` in ``netns``."""
+    commands.run(in_netns(netns, ["sysctl", "-q", "-w", "%s=%s" % (key, value)]))
+
+
+# nftables --------------------------------------------------------------------------------------
+
+
+def nft_base_script(lan, wan, cidr, egress_address):
+    """The nft script that (re)writes the network's own chains; floating chains are kept, not flushed.
+
+    Every rule carries a comment naming what it does; observation compares those comments.
+    """
+    rules = nft_base_rules(lan, wan, cidr, egress_address)
+    lines = [
+        "add table ip %s" % NFT_TABLE,
+        "add chain ip %s %s" % (NFT_TABLE, FLOATING_DNAT),
+        "add chain ip %s %s" % (NFT_TABLE, FLOATING_SNAT),
+        "add chain ip %s prerouting { type nat hook prerouting priority dstnat; policy accept; }" % NFT_TABLE,
+        "add chain ip %s postrouting { type nat hook postrouting priority srcnat; policy accept; }" % NFT_TABLE,
+        "add chain ip %s forward { type filter hook forward priority filter; policy accept; }" % NFT_TABLE,
+        "flush chain ip %s prerouting" % NFT_TABLE,
+        "flush chain ip %s postrouting" % NFT_TABLE,
+        "flush chain ip %s forward" % NFT_TABLE,
+    ]
+    for chain, body, comment in rules:
+        lines.append('add rule ip %s %s %s comment "%s"' % (NFT_TABLE, chain, body, comment))
+    return "\n".join(lines) + "\n"
+
+
+def nft_base_rules(lan, wan, cidr, egress_address):
+    """(chain, rule, comment) of the network's own rules, in order."""
+    return [
+        ("prerouting", "jump %s" % FLOATING_DNAT, "floating dnat"),
+        ("postrouting", "jump %s" % FLOATING_SNAT, "floating snat"),
+        ("postrouting", 'oifname "%s" ip saddr %s snat to %s' % (wan, cidr, egress_address),
+         "egress %s via %s" % (cidr, egress_address)),
+        ("forward", 'iifname "%s" oifname "%s" ct state established,related accept' % (wan, lan), "replies in"),
+        ("forward", 'iifname "%s" oifname "%s" ct status dnat accept' % (wan, lan), "floating in"),
+        ("forward", 'iifname "%s" drop' % wan, "isolate %s" % cidr),
+    ]
+
+
+def nft_table(netns):
+    """``{chain: [rule comment, ...]}`` of table ip smallcloud in ``netns``, or None when there is none."""
+    rc, out, _err = commands.run(in_netns(netns, ["nft", "-j", "list", "table", "ip", NFT_TABLE]), check=False)
+    if rc != 0:
+        return None
+    chains = {}
+    for item in json.loads(out).get("nftables", []):
+        if "chain" in item:
+            chains.setdefault(item["chain"]["name"], [])
+        elif "rule" in item:
+            rule = item["rule"]
+            chains.setdefault(rule["chain"], []).append(_rule_comment(rule))
+    return chains
+
+
+def _rule_comment(rule):
+    """A rule's comment, or a short rendering of its handle for rules someone else added."""
+    return rule.get("comment") or "unmanaged rule %s" % rule.get("handle")
+
+
+def nft_rule_handles(netns, chain):
+    """``{comment: [handle, ...]}`` of the rules in ``chain``."""
+    rc, out, _err = commands.run(
+        in_netns(netns, ["nft", "-j", "list", "chain", "ip", NFT_TABLE, chain]), check=False
+    )
+    if rc != 0:
+        return {}
+    handles = {}
+    for item in json.loads(out).get("nftables", []):
+        if "rule" in item:
+            handles.setdefault(_rule_comment(item["rule"]), []).append(item["rule"]["handle"])
+    return handles
+
+
+def nft_apply(netns, script):
+    """Run an nft script atomically in ``netns`` (all of it or nothing)."""
+    commands.run(in_netns(netns, ["nft", "-f", "-"]), input_text=script)
+
+
+def nft_delete_table(netns):
+    """Remove table ip smallcloud from ``netns`` if present."""
+    if nft_table(netns) is not None:
+        nft_apply(netns, "delete table ip %s\n" % NFT_TABLE)
+
+
+# dnsmasq ---------------------------------------------------------------------------------------
+
+
+def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers, lease_time="12h"):
+    """dnsmasq.conf text: DHCP only (no DNS), static leases from the hosts file, option 26 = ``mtu``."""
+    lines = [
+        "# written by smallcloud.kvm.network; changes are overwritten",
+        "interface=%s" % interface,
+        "bind-interfaces",
+        "port=0",
+        "no-resolv",
+        "no-hosts",
+        "dhcp-authoritative",
+        # Stays root: it re-reads the hosts file on SIGHUP, and state_dir may sit under a private (0700)
+        # directory; it is confined to the network's own namespace and serves DHCP only.
+        "user=root",
+        "pid-file=%s" % os.path.join(state_dir, "dnsmasq.pid"),
+        "dhcp-leasefile=%s" % os.path.join(state_dir, "leases"),
+        "dhcp-hostsfile=%s" % os.path.join(state_dir, "hosts"),
+        "dhcp-range=%s,static,%s,%s" % (network.network_address, network.netmask, lease_time),
+        "dhcp-option=option:router,%s" % gateway_ip,
+        # Forced: many clients (busybox udhcpc among them) do not ask for option 26.
+        "dhcp-option-force=option:mtu,%d" % mtu,
+    ]
+    if dns_servers:
+        lines.append("dhcp-option=option:dns-server,%s" % ",".join(dns_servers))
+    return "\n".join(lines) + "\n"
+
+
+def dnsmasq_hosts(leases):
+    """dhcp-hostsfile text from ``[(mac, ip, hostname or None)]``, sorted by address for stable output."""
+    lines = []
+    for mac, ip, hostname in sorted(leases, key=lambda lease: tuple(int(part) for part in lease[1].split("."))):
+        lines.append(",".join([mac.lower(), ip] + ([hostname] if hostname else [])))
+    return "".join(line + "\n" for line in lines)
+
+
+def read_text(path):
+    """A file's text, or None when it does not exist."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (IOError, OSError):
+        return None
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o755)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.rename(temporary, path)
+
+
+def dnsmasq_pid(state_dir):
+    """The pid of the dnsmasq serving ``state_dir`` when it is alive, else None."""
+    text = read_text(os.path.join(state_dir, "dnsmasq.pid"))
+    if not text or not text.strip().isdigit():
+        return None
+    pid = int(text.strip())
+    cmdline = read_text("/proc/%d/cmdline" % pid) or ""
+    # A recycled pid belongs to someone else: ours names our conf file.
+    if os.path.join(state_dir, "dnsmasq.conf") not in cmdline.replace("\0", " "):
+        return None
+    return pid
+
+
+def dnsmasq_start(netns, state_dir):
+    """Start dnsmasq in ``netns`` with ``state_dir``/dnsmasq.conf; it daemonises and writes its pid file."""
+    conf = os.path.join(state_dir, "dnsmasq.conf")
+    commands.run(in_netns(netns, ["dnsmasq", "--conf-file=%s" % conf]))
+    if dnsmasq_pid(state_dir) is None:
+        raise HostError("dnsmasq did not start in namespace %s (conf %s)" % (netns, conf), conf=conf)
+
+
+def dnsmasq_reload(state_dir):
+    """SIGHUP: dnsmasq re-reads its dhcp-hostsfile."""
+    pid = dnsmasq_pid(state_dir)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)
+
+
+def dnsmasq_stop(state_dir, timeout=10):
+    """Stop the dnsmasq of ``state_dir`` and wait for it to exit."""
+    pid = dnsmasq_pid(state_dir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid):
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    stat = read_text("/proc/%d/stat" % pid)
+    return bool(stat) and stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def remove_state_dir(state_dir):
+    """Remove the files this module writes in ``state_dir`` and the directory itself."""
+    if not os.path.isdir(state_dir):
+        return
+    for name in os.listdir(state_dir):
+        os.unlink(os.path.join(state_dir, name))
+    os.rmdir(state_dir)

@@ -1,0 +1,759 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The runner of the ``network`` module: validate, observe, plan, apply.
+
+Per network and host: a unicast VXLAN ``vx-<vni hex>`` enslaved to bridge ``br-<vni hex>``, flooding to
+each peer through an all-zero-MAC FDB entry. On the gateway host also a namespace ``<prefix><vni hex>``
+joined to the bridge by veth ``vg-<hex>`` <-> ``lan`` (gateway address, dnsmasq) and, with ``nat``, to
+the host by veth ``ve-<hex>`` <-> ``wan``: the namespace's egress address (from ``egress_pool``) sits on
+``wan``, its default route points at ``169.254.0.1`` on ``ve-<hex>``, and the host routes the egress
+address (and floating addresses) back to ``ve-<hex>``. The outside reaches the egress pool through
+this host (a route on the uplink router). ``table ip smallcloud`` in the namespace does the NAT.
+
+etcd record ``networks/NAME``::
+
+    {"name", "cidr", "vni", "mtu", "dhcp", "dns_servers", "nat", "egress_pool", "egress_address",
+     "vteps": [underlay addresses of hosts carrying it], "gateway_vtep": underlay address or null}
+
+Instances attach through ``instances/NAME`` records:
+``{"name": ..., "interfaces": [{"network": NAME, "mac": "02:73:63:..", "ip": "10.0.0.5"}], ...}``.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ipaddress
+import os
+import re
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import Conflict, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.netdev import NetDev
+from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+
+VNI_MIN, VNI_MAX = 1, 16777215
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MAX_PREFIXLEN = 29  # network, gateway, broadcast and at least a few guests
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+TRANSIT_HOST = "169.254.0.1"  # the host end of every egress veth; the namespace's default gateway
+LAN, WAN = "lan", "wan"
+NOT_YET = "(allocated on apply)"
+
+NETWORK_ARGS = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    cidr=dict(type="str"),
+    vni=dict(type="int"),
+    mtu=dict(type="int"),
+    dhcp=dict(type="bool", default=True),
+    dns_servers=dict(type="list", elements="str", default=[]),
+    nat=dict(type="bool", default=False),
+    egress_pool=dict(type="str"),
+    egress_address=dict(type="str"),
+    gateway=dict(type="bool", default=True),
+    underlay_interface=dict(type="str"),
+    mesh_peers=dict(type="list", elements="str"),
+    host_netns=dict(type="str"),
+    namespace_prefix=dict(type="str", default="scnet-"),
+    state_dir=dict(type="path", default="/run/smallcloud/networks"),
+)
+
+
+# names and pure validation ---------------------------------------------------------------------
+
+
+def device_names(vni, prefix="scnet-"):
+    """Every name derived from ``vni``: links on the host (<= 15 chars) and the gateway namespace."""
+    tag = "%x" % vni
+    return {
+        "vxlan": "vx-" + tag,
+        "bridge": "br-" + tag,
+        "lan_host": "vg-" + tag,
+        "wan_host": "ve-" + tag,
+        "namespace": prefix + tag,
+    }
+
+
+def check_name(name):
+    """Raise InvalidInput unless ``name`` can be an etcd path segment and a file name."""
+    if not NAME_RE.match(name or ""):
+        raise InvalidInput(
+            "network name %r is not allowed: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit" % (name,), name=name, allowed=NAME_RE.pattern)
+
+
+def parse_cidr(cidr, option="cidr", max_prefixlen=MAX_PREFIXLEN):
+    """An IPv4Network from ``cidr``; InvalidInput naming the value when it is not a usable IPv4 CIDR."""
+    try:
+        network = ipaddress.ip_network(u"%s" % cidr, strict=True)
+    except ValueError as error:
+        raise InvalidInput("%s %r is not a valid IPv4 network (e.g. 10.0.0.0/24): %s" % (option, cidr, error),
+                           **{option: cidr}) from error
+    if network.version != 4:
+        raise InvalidInput("%s %r is not IPv4; only IPv4 networks are supported" % (option, cidr), **{option: cidr})
+    if network.prefixlen > max_prefixlen:
+        raise InvalidInput(
+            "%s %s is too small to hold a gateway and guests: use a prefix length of at most /%d"
+            % (option, cidr, max_prefixlen), **{option: cidr, "max_prefixlen": max_prefixlen})
+    return network
+
+
+def parse_address(value, option):
+    """An IPv4Address from ``value``; InvalidInput naming ``option`` otherwise."""
+    try:
+        address = ipaddress.ip_address(u"%s" % value)
+    except ValueError:
+        address = None
+    if address is None or address.version != 4:
+        raise InvalidInput("%s %r is not an IPv4 address" % (option, value), **{option: value})
+    return address
+
+
+def check_vni(vni):
+    """Raise InvalidInput unless ``vni`` is None or a valid 24-bit VXLAN id."""
+    if vni is not None and not VNI_MIN <= vni <= VNI_MAX:
+        raise InvalidInput("vni %d is out of range: allowed %d..%d" % (vni, VNI_MIN, VNI_MAX),
+                           vni=vni, allowed="%d..%d" % (VNI_MIN, VNI_MAX))
+
+
+def check_pool_address(pool, address, option):
+    """Raise InvalidInput unless ``address`` is a usable host of ``pool`` (not network, first or broadcast)."""
+    if address not in pool or address in (pool.network_address, pool.network_address + 1, pool.broadcast_address):
+        raise InvalidInput("%s %s is not a usable address of %s (allowed %s..%s)"
+                           % (option, address, pool, pool.network_address + 2, pool.broadcast_address - 1),
+                           **{option: str(address)})
+
+
+def gateway_facts(network):
+    """Gateway address (first host, with prefix) and the DHCP range of ``network``."""
+    return {
+        "gateway_ip": str(network.network_address + 1),
+        "gateway_cidr": "%s/%d" % (network.network_address + 1, network.prefixlen),
+        "dhcp_range": "%s-%s" % (network.network_address + 2, network.broadcast_address - 1),
+    }
+
+
+def validate_params(params):
+    """Every check that needs neither etcd nor the host; returns parsed values."""
+    check_name(params["name"])
+    check_vni(params["vni"])
+    if not PREFIX_RE.match(params["namespace_prefix"] or ""):
+        raise InvalidInput("namespace_prefix %r is not allowed: use 1-32 letters, digits, '.', '_' or '-'"
+                           % (params["namespace_prefix"],), namespace_prefix=params["namespace_prefix"])
+    parsed = {"network": None, "egress_pool": None}
+    if params["state"] == "absent":
+        return parsed
+    if not params["cidr"]:
+        raise InvalidInput("cidr is required with state=present", name=params["name"])
+    if not params["underlay_interface"]:
+        raise InvalidInput("underlay_interface is required with state=present", name=params["name"])
+    parsed["network"] = parse_cidr(params["cidr"])
+    for server in params["dns_servers"]:
+        parse_address(server, "dns_servers")
+    for peer in params["mesh_peers"] or []:
+        parse_address(peer, "mesh_peers")
+    if params["mtu"] is not None and not 576 <= params["mtu"] <= 9000:
+        raise InvalidInput("mtu %d is out of range: allowed 576..9000" % params["mtu"], mtu=params["mtu"])
+    if params["egress_pool"]:
+        parsed["egress_pool"] = parse_cidr(params["egress_pool"], "egress_pool", max_prefixlen=30)
+    if params["egress_address"]:
+        address = parse_address(params["egress_address"], "egress_address")
+        if parsed["egress_pool"] is None:
+            raise InvalidInput("egress_address needs egress_pool (the pool it belongs to)",
+                               egress_address=params["egress_address"])
+        check_pool_address(parsed["egress_pool"], address, "egress_address")
+    return parsed
+
+
+def leases_for(network_name, instances):
+    """``[(mac, ip, hostname)]`` of every instance interface on ``network_name``."""
+    leases = []
+    for key, record in sorted((instances or {}).items()):
+        if not isinstance(record, dict):
+            continue
+        name = record.get("name") or key
+        for nic in record.get("interfaces") or []:
+            if nic.get("network") == network_name and nic.get("mac") and nic.get("ip"):
+                leases.append((nic["mac"], nic["ip"], name if HOSTNAME_RE.match(name) else None))
+    return leases
+
+
+def gateway_state_dir(state_dir, vni, namespace_prefix):
+    """Where a network's dnsmasq keeps its conf, hosts, leases and pid file on its gateway host."""
+    return os.path.join(state_dir, device_names(vni, namespace_prefix)["namespace"])
+
+
+def refresh_leases(network_name, record, instances, state_dir, namespace_prefix):
+    """Rewrite the static leases of the network's dnsmasq if it runs on this host, and SIGHUP it.
+
+    For modules that change instance records between runs of the network module; True when reloaded.
+    """
+    if record.get("vni") is None or not record.get("dhcp", True):
+        return False
+    gateway_dir = gateway_state_dir(state_dir, record["vni"], namespace_prefix)
+    if svc.dnsmasq_pid(gateway_dir) is None:
+        return False  # the network's gateway is another host
+    hosts_path = os.path.join(gateway_dir, "hosts")
+    hosts = svc.dnsmasq_hosts(leases_for(network_name, instances))
+    if svc.read_text(hosts_path) == hosts:
+        return False
+    svc.write_text(hosts_path, hosts)
+    svc.dnsmasq_reload(gateway_dir)
+    return True
+
+
+def attached_instances(network_name, instances):
+    """Sorted names of instances with an interface on ``network_name``."""
+    names = set()
+    for key, record in (instances or {}).items():
+        if isinstance(record, dict) and any(nic.get("network") == network_name
+                                            for nic in record.get("interfaces") or []):
+            names.add(record.get("name") or key)
+    return sorted(names)
+
+
+def top_records(listing):
+    """Only the direct children of a store.list() answer (nested keys belong to other records)."""
+    return dict((key, value) for key, value in (listing or {}).items() if "/" not in key.strip("/"))
+
+
+# the runner ------------------------------------------------------------------------------------
+
+
+class Handles(object):
+    """Netlink handles opened on first use and closed together."""
+
+    def __init__(self):
+        self._open = {}
+
+    def get(self, netns):
+        """The NetDev of ``netns`` (None: the module's own namespace)."""
+        if netns not in self._open:
+            self._open[netns] = NetDev(netns)
+        return self._open[netns]
+
+    def drop(self, netns):
+        """Forget (and close) the handle of a namespace about to be deleted."""
+        handle = self._open.pop(netns, None)
+        if handle is not None:
+            handle.close()
+
+    def close(self):
+        """Close every handle."""
+        for netns in list(self._open):
+            self.drop(netns)
+
+
+def converge(module):
+    """Entry point for run_module: the network's desired state applied (or previewed)."""
+    params = module.params
+    parsed = validate_params(params)
+    if params["host_netns"] and not svc.netns_exists(params["host_netns"]):
+        raise InvalidInput("host_netns %s does not exist" % params["host_netns"], host_netns=params["host_netns"])
+    store = Store.from_params(params)
+    handles = Handles()
+    try:
+        with store.lock("network/%s" % params["name"], ttl=60, timeout=120):
+            if params["state"] == "absent":
+                return NetworkRunner(module, store, handles, parsed).absent()
+            return NetworkRunner(module, store, handles, parsed).present()
+    finally:
+        handles.close()
+
+
+class NetworkRunner(object):
+    """One converge of one network on one host."""
+
+    def __init__(self, module, store, handles, parsed):
+        self.module = module
+        self.params = module.params
+        self.store = store
+        self.handles = handles
+        self.parsed = parsed
+        self.name = self.params["name"]
+        self.owner = "network/%s" % self.name
+        self.plan = Plan()
+        self.host = handles.get(self.params["host_netns"])
+
+    # present -----------------------------------------------------------------------------------
+
+    def present(self):
+        """Validate against etcd and the host, allocate, record, then converge the host."""
+        path = "networks/%s" % self.name
+        record = self.store.get(path)
+        vtep, underlay_mtu = self.underlay()
+        if record is None:
+            # Creation takes the cloud-wide lock too, so two new networks never overlap.
+            with self.store.lock("networks", ttl=60, timeout=120):
+                record = self.store.get(path)
+                if record is None:
+                    record = self.create(vtep, underlay_mtu)
+                else:
+                    record = self.update_record(record, vtep, underlay_mtu)
+        else:
+            record = self.update_record(record, vtep, underlay_mtu)
+        if record.get("vni") is None:  # check mode of a new network: nothing to derive names from
+            self.plan.add("create VXLAN, bridge%s for the new network" % (
+                ", namespace, DHCP and NAT" if self.params["gateway"] else ""))
+            return self.plan.result(vni=None, mtu=record["mtu"], **gateway_facts(self.parsed["network"]))
+        want = self.desired(record, vtep)
+        HostPlan(self, want).build()
+        self.plan.apply(self.module.check_mode)
+        return self.plan.result(
+            vni=want["vni"], bridge=want["bridge"], vxlan=want["vxlan"],
+            namespace=want["namespace"] if want["gateway"] else None, mtu=want["mtu"],
+            gateway_ip=want["gateway_ip"], dhcp_range=want["dhcp_range"], peers=want["peers"],
+            egress_address=want["egress"] if want["nat"] else None)
+
+    def underlay(self):
+        """(VTEP address, MTU) of underlay_interface; InvalidInput when it is missing or unaddressed."""
+        name = self.params["underlay_interface"]
+        link = self.host.link(name)
+        if link is None:
+            raise InvalidInput("underlay_interface %s does not exist on this host (interfaces: %s)"
+                               % (name, ", ".join(sorted(self.host.links()))), underlay_interface=name)
+        addresses = self.host.addresses(name)
+        if not addresses:
+            raise InvalidInput("underlay_interface %s has no IPv4 address to carry VXLAN" % name,
+                               underlay_interface=name)
+        return addresses[0].split("/")[0], link["mtu"]
+
+    def check_unchanged(self, record):
+        """Refuse changes an existing network cannot take (cidr, vni, a second gateway)."""
+        if record["cidr"] != str(self.parsed["network"]):
+            raise InvalidInput("network %s exists with cidr %s; cidr %s would need a new network"
+                               % (self.name, record["cidr"], self.params["cidr"]), cidr=self.params["cidr"])
+        if self.params["vni"] is not None and self.params["vni"] != record["vni"]:
+            raise InvalidInput("network %s exists with vni %s; vni %s cannot be changed"
+                               % (self.name, record["vni"], self.params["vni"]), vni=self.params["vni"])
+
+    def check_new(self):
+        """Checks against etcd for a network that does not exist yet: overlap, VNI taken."""
+        network = self.parsed["network"]
+        for key, other in top_records(self.store.list("networks")).items():
+            if isinstance(other, dict) and other.get("cidr") and other.get("name", key) != self.name:
+                if network.overlaps(ipaddress.ip_network(u"%s" % other["cidr"])):
+                    raise InvalidInput("cidr %s overlaps network %s (%s)" % (network, other.get("name", key),
+                                       other["cidr"]), cidr=str(network), overlaps=other.get("name", key))
+        vni = self.params["vni"]
+        if vni is not None:
+            taken = self.store.get("vni/%d" % vni)
+            holder = taken.get("owner") if isinstance(taken, dict) else taken
+            if taken and holder != self.owner:
+                raise Conflict("vni %d is taken by %s" % (vni, holder), vni=vni, owner=holder)
+        if self.params["nat"] and self.params["gateway"] and self.parsed["egress_pool"] is None:
+            raise InvalidInput("nat needs egress_pool: the outside CIDR routed to this host that the "
+                               "network's egress address comes from", name=self.name)
+
+    def create(self, vtep, underlay_mtu):
+        """Allocate VNI and egress address and write the record (nothing allocated in check mode)."""
+        self.check_new()
+        mtu = self.params["mtu"] or underlay_mtu - VXLAN_OVERHEAD
+        self.check_mtu(mtu, underlay_mtu)
+        record = self.base_record(mtu)
+        record["vteps"] = [vtep]
+        record["gateway_vtep"] = vtep if self.params["gateway"] else None
+        self.plan.compare("vni", None, self.params["vni"] or NOT_YET)
+        self.plan.add("allocate vni %s" % (self.params["vni"] or "from the pool"))
+        if self.params["nat"]:
+            self.plan.add("allocate egress address %s" % (self.params["egress_address"] or
+                                                          "from %s" % self.params["egress_pool"]))
+        self.plan.add("create etcd record networks/%s" % self.name)
+        if self.module.check_mode:
+            record["vni"] = self.params["vni"]
+            record["egress_address"] = (self.params["egress_address"] or NOT_YET) if self.params["nat"] else None
+            self.plan.compare("record", None, record)
+            return record
+        record["vni"] = self.store.allocate_vni(self.owner, requested=self.params["vni"])
+        try:
+            if self.params["nat"]:
+                record["egress_address"] = self.store.allocate_floating(
+                    self.params["egress_pool"], self.owner, requested=self.params["egress_address"])
+            if not self.store.create("networks/%s" % self.name, record):
+                raise Conflict("network %s was created by someone else meanwhile" % self.name, name=self.name)
+        except Exception:
+            # Nothing may stay allocated when creation fails.
+            if record.get("egress_address"):
+                self.store.release_floating(self.params["egress_pool"], record["egress_address"], owner=self.owner)
+            self.store.release_vni(record["vni"], owner=self.owner)
+            raise
+        self.plan.compare("vni", None, record["vni"])
+        self.plan.compare("record", None, record)
+        return record
+
+    def check_mtu(self, mtu, underlay_mtu):
+        """Raise InvalidInput when ``mtu`` does not fit in the underlay with VXLAN's overhead."""
+        if mtu > underlay_mtu - VXLAN_OVERHEAD:
+            raise InvalidInput("mtu %d does not fit: underlay %s has mtu %d, so at most %d"
+                               % (mtu, self.params["underlay_interface"], underlay_mtu,
+                                  underlay_mtu - VXLAN_OVERHEAD), mtu=mtu)
+
+    def base_record(self, mtu):
+        """The record of a new network, before allocations."""
+        return {
+            "name": self.name, "cidr": str(self.parsed["network"]), "vni": None, "mtu": mtu,
+            "dhcp": self.params["dhcp"], "dns_servers": self.params["dns_servers"], "nat": self.params["nat"],
+            "egress_pool": self.params["egress_pool"], "egress_address": None, "vteps": [], "gateway_vtep": None,
+        }
+
+    def update_record(self, record, vtep, underlay_mtu):
+        """Settings from the options and this host's VTEP merged into the record (written unless check mode)."""
+        self.check_unchanged(record)
+        if self.params["mtu"]:
+            self.check_mtu(self.params["mtu"], underlay_mtu)
+        if self.params["gateway"] and record.get("gateway_vtep") not in (None, vtep):
+            raise Conflict("network %s already has its gateway on %s; set gateway=false on this host (%s)"
+                           % (self.name, record["gateway_vtep"], vtep), gateway_vtep=record["gateway_vtep"])
+        new = dict(record)
+        if self.params["mtu"]:
+            new["mtu"] = self.params["mtu"]
+        new["vteps"] = sorted(set(record.get("vteps") or []) | set([vtep]))
+        if self.params["gateway"]:
+            new["gateway_vtep"] = vtep
+            # Gateway services are configured where they run; other hosts only carry VXLAN + bridge.
+            for key in ("dhcp", "dns_servers"):
+                new[key] = self.params[key]
+            self.update_nat(record, new)
+        elif record.get("gateway_vtep") == vtep:
+            new["gateway_vtep"] = None
+        if self.plan.compare("record", record, new):
+            self.plan.add("update etcd record networks/%s" % self.name, self.store.put, "networks/%s" % self.name, new)
+        return new
+
+    def update_nat(self, record, new):
+        """Turning nat on allocates an egress address; turning it off releases it."""
+        if self.params["nat"] == bool(record.get("nat")):
+            return
+        new["nat"] = self.params["nat"]
+        if self.params["nat"]:
+            if self.parsed["egress_pool"] is None:
+                raise InvalidInput("nat needs egress_pool", name=self.name)
+            new["egress_pool"] = self.params["egress_pool"]
+            self.plan.add("allocate egress address from %s" % new["egress_pool"])
+            if not self.module.check_mode:
+                new["egress_address"] = self.store.allocate_floating(
+                    new["egress_pool"], self.owner, requested=self.params["egress_address"])
+        else:
+            new["egress_address"] = None
+            self.plan.add("release egress address %s" % record.get("egress_address"), self.store.release_floating,
+                          record.get("egress_pool"), record.get("egress_address"), owner=self.owner)
+
+    def desired(self, record, vtep):
+        """Everything the host should have for this network."""
+        network = ipaddress.ip_network(u"%s" % record["cidr"])
+        want = dict(device_names(record["vni"], self.params["namespace_prefix"]))
+        want.update(gateway_facts(network))
+        peers = self.params["mesh_peers"] if self.params["mesh_peers"] is not None else record.get("vteps") or []
+        gateway = bool(self.params["gateway"])
+        want.update(
+            vni=record["vni"], vtep=vtep, underlay=self.params["underlay_interface"], mtu=record["mtu"],
+            peers=sorted(set(peers) - set([vtep])), gateway=gateway, nat=gateway and bool(record.get("nat")),
+            egress=record.get("egress_address") or NOT_YET, dhcp=gateway and bool(record.get("dhcp")),
+        )
+        want["state_dir"] = gateway_state_dir(self.params["state_dir"], want["vni"], self.params["namespace_prefix"])
+        want["conf"] = svc.dnsmasq_conf(want["state_dir"], LAN, network, gateway_ip=want["gateway_ip"],
+                                        mtu=want["mtu"], dns_servers=record.get("dns_servers") or [])
+        want["hosts"] = svc.dnsmasq_hosts(leases_for(self.name, self.store.list("instances"))) if want["dhcp"] else ""
+        want["nft"] = svc.nft_base_script(LAN, WAN, record["cidr"], want["egress"]) if want["nat"] else None
+        return want
+
+    # absent ------------------------------------------------------------------------------------
+
+    def absent(self):
+        """Tear down this host's part; the last host out deletes the record and frees its allocations."""
+        record = self.store.get("networks/%s" % self.name)
+        vni = record["vni"] if record else self.params["vni"]
+        if vni is None:
+            return self.plan.result(vni=None)
+        attached = attached_instances(self.name, self.store.list("instances"))
+        if attached:
+            raise Conflict("network %s still has instances attached: %s; delete or detach them first"
+                           % (self.name, ", ".join(attached)), instances=attached)
+        names = device_names(vni, self.params["namespace_prefix"])
+        vtep = self.local_vtep(names)
+        HostPlan(self, dict(names, vni=vni, state_dir=os.path.join(self.params["state_dir"],
+                                                                   names["namespace"]))).teardown()
+        if record is not None:
+            self.forget(record, vtep)
+        self.plan.apply(self.module.check_mode)
+        return self.plan.result(vni=vni, bridge=names["bridge"], namespace=names["namespace"])
+
+    def local_vtep(self, names):
+        """This host's VTEP: from underlay_interface when given, else from the existing VXLAN link."""
+        if self.params["underlay_interface"] and self.host.link(self.params["underlay_interface"]):
+            addresses = self.host.addresses(self.params["underlay_interface"])
+            if addresses:
+                return addresses[0].split("/")[0]
+        link = self.host.link(names["vxlan"])
+        return link["vxlan"]["local"] if link else None
+
+    def forget(self, record, vtep):
+        """Drop this host from the record; delete record and allocations when no host is left."""
+        vteps = sorted(set(record.get("vteps") or []) - set([vtep]))
+        if vteps:
+            new = dict(record, vteps=vteps)
+            if record.get("gateway_vtep") == vtep:
+                new["gateway_vtep"] = None
+            if self.plan.compare("record", record, new):
+                self.plan.add("remove host %s from networks/%s" % (vtep, self.name), self.store.put,
+                              "networks/%s" % self.name, new)
+            return
+        self.plan.compare("record", record, None)
+        self.plan.compare("vni", record["vni"], None)
+        if record.get("egress_address"):
+            self.plan.add("release egress address %s" % record["egress_address"], self.store.release_floating,
+                          record["egress_pool"], record["egress_address"], owner=self.owner)
+        self.plan.add("release vni %d" % record["vni"], self.store.release_vni, record["vni"], owner=self.owner)
+        self.plan.add("delete addresses of network %s" % self.name, self.store.delete_prefix, "ipam/%s" % self.name)
+        self.plan.add("delete etcd record networks/%s" % self.name, self.store.delete, "networks/%s" % self.name)
+
+
+class HostPlan(object):
+    """Compares the host with ``want`` and queues the steps that converge it on the runner's plan."""
+
+    def __init__(self, runner, want):
+        self.runner = runner
+        self.plan = runner.plan
+        self.handles = runner.handles
+        self.host_netns = runner.params["host_netns"]
+        self.host = runner.host
+        self.want = want
+        # Only this network's links: a full dump grows with the number of networks on the host.
+        self.links = {}
+        for name in self.device_set():
+            link = self.host.link(name)
+            if link is not None:
+                self.links[name] = link
+
+    def ns(self):
+        """The gateway namespace's handle (opened when first needed, after it was created)."""
+        return self.handles.get(self.want["namespace"])
+
+    # present -----------------------------------------------------------------------------------
+
+    def build(self):
+        """Queue every step for the present state."""
+        want = self.want
+        if "vni" not in self.plan.before:
+            self.plan.compare("vni", want["vni"], want["vni"])
+        self.bridge()
+        self.vxlan()
+        self.fdb()
+        if want["gateway"]:
+            self.namespace()
+        else:
+            self.teardown_gateway()
+
+    def bridge(self):
+        """Bridge br-<vni>, with the network's MTU, up."""
+        name, link = self.want["bridge"], self.links.get(self.want["bridge"])
+        if link is None or link["kind"] != "bridge":
+            if link is not None:
+                self.plan.add("delete %s (a %s, not a bridge)" % (name, link["kind"]), self.host.delete_link, name)
+            self.plan.add("create bridge %s (mtu %d)" % (name, self.want["mtu"]), self.host.add_bridge, name,
+                          self.want["mtu"])
+        elif link["mtu"] != self.want["mtu"] or not link["up"]:
+            self.plan.add("set %s mtu %d up" % (name, self.want["mtu"]), self.host.set_link, name,
+                          mtu=self.want["mtu"], up=True)
+
+    def vxlan(self):
+        """VXLAN vx-<vni> on the underlay, enslaved to the bridge."""
+        want, name = self.want, self.want["vxlan"]
+        link = self.links.get(name)
+        settings = {"id": want["vni"], "local": want["vtep"], "link": want["underlay"], "port": 4789}
+        if link is not None and link.get("vxlan") != settings:
+            self.plan.add("delete %s (settings %s, want %s)" % (name, link.get("vxlan"), settings),
+                          self.host.delete_link, name)
+            link = None
+        if link is None:
+            self.plan.add("create VXLAN %s (vni %d, local %s on %s, mtu %d)" % (
+                name, want["vni"], want["vtep"], want["underlay"], want["mtu"]),
+                self.host.add_vxlan, name, want["vni"], local=want["vtep"], underlay=want["underlay"], mtu=want["mtu"])
+        if link is None or link["master"] != want["bridge"] or link["mtu"] != want["mtu"] or not link["up"]:
+            self.plan.add("attach %s to %s (mtu %d, up)" % (name, want["bridge"], want["mtu"]), self.host.set_link,
+                          name, master=want["bridge"], mtu=want["mtu"], up=True)
+        self.recreated_vxlan = link is None
+
+    def fdb(self):
+        """All-zero FDB entries: one per peer, never to this host."""
+        name = self.want["vxlan"]
+        observed = [] if self.recreated_vxlan else self.host.fdb_peers(name)
+        self.plan.compare("peers", observed, self.want["peers"])
+        for peer in self.want["peers"]:
+            if peer not in observed:
+                self.plan.add("add peer %s to %s" % (peer, name), self.host.add_fdb_peer, name, peer)
+        for peer in observed:
+            if peer not in self.want["peers"]:
+                self.plan.add("remove peer %s from %s" % (peer, name), self.host.del_fdb_peer, name, peer)
+
+    def namespace(self):
+        """Gateway namespace with lan (gateway address), optional wan + NAT, optional dnsmasq."""
+        want = self.want
+        exists = svc.netns_exists(want["namespace"])
+        if not exists:
+            self.plan.add("create namespace %s" % want["namespace"], svc.netns_add, want["namespace"])
+        inside = self.ns().links() if exists else {}
+        self.veth(want["lan_host"], LAN, inside, want["mtu"], want["bridge"])
+        addresses = {LAN: self.ns().addresses(LAN) if LAN in inside else []}
+        self.addresses(LAN, addresses[LAN], [want["gateway_cidr"]])
+        if want["nat"]:
+            self.egress(inside, addresses)
+        elif WAN in inside or want["wan_host"] in self.links:
+            self.plan.add("delete egress veth %s (nat is off)" % want["wan_host"], self.host.delete_link,
+                          want["wan_host"])
+        self.plan.compare("addresses", addresses, self.desired_addresses())
+        self.firewall(exists)
+        self.dnsmasq()
+
+    def desired_addresses(self):
+        """The addresses in the diff: lan's, and with NAT wan's and the host end's."""
+        want = self.want
+        out = {LAN: [want["gateway_cidr"]]}
+        if want["nat"]:
+            out[WAN] = ["%s/32" % want["egress"]]
+            out[want["wan_host"]] = ["%s/32" % TRANSIT_HOST]
+        return out
+
+    def veth(self, host_end, inner_end, inside, mtu, master):
+        """A veth from the host (optionally on ``master``) into the namespace, both ends up."""
+        host_link, inner_link = self.links.get(host_end), inside.get(inner_end)
+        if host_link is None or inner_link is None:
+            if host_link is not None:
+                self.plan.add("delete %s (its peer is missing)" % host_end, self.host.delete_link, host_end)
+            self.plan.add("create veth %s <-> %s:%s" % (host_end, self.want["namespace"], inner_end),
+                          self.host.add_veth, host_end, inner_end, self.want["namespace"], mtu)
+            host_link = inner_link = {}
+        if host_link.get("master") != master or (mtu and host_link.get("mtu") != mtu) or not host_link.get("up"):
+            self.plan.add("set %s%s mtu %s up" % (host_end, " on %s" % master if master else "", mtu),
+                          self.host.set_link, host_end, master=master, mtu=mtu, up=True)
+        if (mtu and inner_link.get("mtu") != mtu) or not inner_link.get("up"):
+            self.plan.add("set %s:%s mtu %s up" % (self.want["namespace"], inner_end, mtu),
+                          lambda: self.ns().set_link(inner_end, mtu=mtu, up=True))
+
+    def addresses(self, device, observed, desired, netns_handle=None):
+        """Add missing and remove extra addresses of ``device`` (in the namespace unless a handle is given)."""
+        where = (lambda: netns_handle) if netns_handle is not None else self.ns
+        for address in desired:
+            if address not in observed:
+                self.plan.add("add %s to %s" % (address, device), lambda a=address: where().add_address(device, a))
+        for address in observed:
+            if address not in desired:
+                self.plan.add("remove %s from %s" % (address, device),
+                              lambda a=address: where().del_address(device, a))
+
+    def egress(self, inside, addresses):
+        """wan <-> ve-<vni>: egress address, default route to the host, host route back, forwarding on."""
+        want = self.want
+        self.veth(want["wan_host"], WAN, inside, None, None)
+        addresses[WAN] = self.ns().addresses(WAN) if WAN in inside else []
+        addresses[want["wan_host"]] = self.host.addresses(want["wan_host"])
+        self.addresses(WAN, addresses[WAN], ["%s/32" % want["egress"]])
+        self.addresses(want["wan_host"], addresses[want["wan_host"]], ["%s/32" % TRANSIT_HOST], self.host)
+        inner_routes = self.ns().routes() if WAN in inside else []
+        host_routes = self.host.routes()
+        wanted_inner = [("%s/32" % TRANSIT_HOST, None, WAN), ("0.0.0.0/0", TRANSIT_HOST, WAN)]
+        for dst, gateway, device in wanted_inner:
+            if (dst, gateway, device) not in inner_routes:
+                self.plan.add("add route %s%s dev %s in %s" % (dst, " via %s" % gateway if gateway else "", device,
+                                                               want["namespace"]),
+                              lambda d=dst, g=gateway: self.ns().add_route(d, WAN, g))
+        back = ("%s/32" % want["egress"], None, want["wan_host"])
+        if back not in host_routes:
+            self.plan.add("add route %s dev %s" % (back[0], back[2]), self.host.add_route, back[0], back[2])
+        self.forwarding(self.host_netns, "host", True)
+        self.forwarding(want["namespace"], want["namespace"], svc.netns_exists(want["namespace"]))
+
+    def forwarding(self, netns, label, exists):
+        """IPv4 forwarding on in ``netns`` (a new namespace starts with it off)."""
+        if not exists or svc.sysctl_get(netns, "net.ipv4.ip_forward") != "1":
+            self.plan.add("enable IPv4 forwarding in %s" % label, svc.sysctl_set, netns, "net.ipv4.ip_forward", 1)
+
+    def firewall(self, exists):
+        """table ip smallcloud: the network's NAT and isolation rules (floating chains are left alone)."""
+        want = self.want
+        observed = svc.nft_table(want["namespace"]) if exists else None
+        observed_base = None
+        if observed is not None:
+            observed_base = dict((chain, rules) for chain, rules in observed.items()
+                                 if chain in ("prerouting", "postrouting", "forward"))
+        desired = None
+        if want["nat"]:
+            desired = {}
+            for chain, _body, comment in svc.nft_base_rules(LAN, WAN, self.runner_cidr(), want["egress"]):
+                desired.setdefault(chain, []).append(comment)
+        if not self.plan.compare("rules", observed_base, desired):
+            return
+        if desired is None:
+            self.plan.add("delete nft table ip %s in %s" % (svc.NFT_TABLE, want["namespace"]),
+                          svc.nft_delete_table, want["namespace"])
+        else:
+            self.plan.add("write nft table ip %s in %s" % (svc.NFT_TABLE, want["namespace"]),
+                          svc.nft_apply, want["namespace"], want["nft"])
+
+    def runner_cidr(self):
+        """The network's CIDR as text."""
+        return self.runner.parsed["network"].with_prefixlen
+
+    def dnsmasq(self):
+        """dnsmasq in the namespace: conf, static leases (SIGHUP on change), running."""
+        want, state_dir = self.want, self.want["state_dir"]
+        conf_path, hosts_path = os.path.join(state_dir, "dnsmasq.conf"), os.path.join(state_dir, "hosts")
+        conf, hosts = svc.read_text(conf_path), svc.read_text(hosts_path)
+        pid = svc.dnsmasq_pid(state_dir)
+        if not want["dhcp"]:
+            self.plan.compare("leases", hosts, None)
+            if pid is not None or conf is not None:
+                self.plan.add("stop dnsmasq in %s" % want["namespace"], svc.dnsmasq_stop, state_dir)
+                self.plan.add("remove %s" % state_dir, svc.remove_state_dir, state_dir)
+            return
+        self.plan.compare("leases", hosts, want["hosts"])
+        if conf != want["conf"]:
+            self.plan.add("write %s" % conf_path, svc.write_text, conf_path, want["conf"])
+        if hosts != want["hosts"]:
+            self.plan.add("write %s (%d leases)" % (hosts_path, want["hosts"].count("\n")), svc.write_text,
+                          hosts_path, want["hosts"])
+        if pid is not None and conf != want["conf"]:
+            self.plan.add("stop dnsmasq (configuration changed)", svc.dnsmasq_stop, state_dir)
+            pid = None
+        if pid is None:
+            self.plan.add("start dnsmasq in %s" % want["namespace"], svc.dnsmasq_start, want["namespace"], state_dir)
+        elif hosts != want["hosts"]:
+            self.plan.add("reload dnsmasq leases (SIGHUP)", svc.dnsmasq_reload, state_dir)
+
+    # absent ------------------------------------------------------------------------------------
+
+    def teardown_gateway(self):
+        """Remove dnsmasq, namespace and state files of this network on this host."""
+        want = self.want
+        if svc.dnsmasq_pid(want["state_dir"]) is not None:
+            self.plan.add("stop dnsmasq in %s" % want["namespace"], svc.dnsmasq_stop, want["state_dir"])
+        # Host ends first: a veth dies with its namespace only when the kernel gets round to it.
+        for name in (want["lan_host"], want["wan_host"]):
+            if name in self.links:
+                self.plan.add("delete %s" % name, self.host.delete_link, name)
+        if svc.netns_exists(want["namespace"]):
+            self.plan.add("delete namespace %s" % want["namespace"], self.delete_namespace)
+        if os.path.isdir(want["state_dir"]):
+            self.plan.add("remove %s" % want["state_dir"], svc.remove_state_dir, want["state_dir"])
+
+    def delete_namespace(self):
+        """Close our handle on the namespace, then delete it (its veth ends and nft table go with it)."""
+        self.handles.drop(self.want["namespace"])
+        svc.netns_delete(self.want["namespace"])
+
+    def teardown(self):
+        """Queue removal of everything this network has on this host."""
+        self.plan.compare("links", sorted(n for n in self.links if n in self.device_set()), [])
+        self.teardown_gateway()
+        for name in (self.want["vxlan"], self.want["bridge"]):
+            if name in self.links:
+                self.plan.add("delete %s" % name, self.host.delete_link, name)
+
+    def device_set(self):
+        """Names of this network's links on the host."""
+        return set([self.want["vxlan"], self.want["bridge"], self.want["lan_host"], self.want["wan_host"]])

@@ -1,0 +1,128 @@
+"""Pure logic of the network runner: names, validation, dnsmasq and nftables rendering."""
+
+import ipaddress
+
+import pytest
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils import networks
+from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+
+pytestmark = pytest.mark.unit
+
+
+def params(**override):
+    base = {name: spec.get("default") for name, spec in networks.NETWORK_ARGS.items()}
+    base.update(name="web", cidr="10.0.0.0/24", underlay_interface="eth1")
+    base.update(override)
+    return base
+
+
+@pytest.mark.parametrize("vni", [1, 0xABC, networks.VNI_MAX])
+def test_device_names_fit_ifnamsiz_and_are_distinct(vni):
+    names = networks.device_names(vni)
+    links = [names[key] for key in ("vxlan", "bridge", "lan_host", "wan_host")]
+    assert all(len(name) <= 15 for name in links)
+    assert len(set(links)) == 4
+    assert names["bridge"] == "br-%x" % vni and names["namespace"] == "scnet-%x" % vni
+
+
+def test_device_names_differ_between_vnis():
+    seen = set()
+    for vni in range(1, 2000):
+        seen.update(networks.device_names(vni).values())
+    assert len(seen) == 5 * 1999
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"cidr": "10.0.0.0/33"}, "10.0.0.0/33"),
+        ({"cidr": "10.0.0.1/24"}, "10.0.0.1/24"),
+        ({"cidr": "fd00::/64"}, "not IPv4"),
+        ({"cidr": "10.0.0.0/30"}, "at most /29"),
+        ({"cidr": "banana"}, "banana"),
+        ({"cidr": None}, "cidr is required"),
+        ({"underlay_interface": None}, "underlay_interface is required"),
+        ({"vni": 0}, "1..16777215"),
+        ({"vni": 16777216}, "16777216"),
+        ({"name": "a/b"}, "a/b"),
+        ({"name": "-x"}, "-x"),
+        ({"name": "x" * 64}, "x" * 64),
+        ({"dns_servers": ["8.8.8"]}, "8.8.8"),
+        ({"mesh_peers": ["10.0.0.300"]}, "10.0.0.300"),
+        ({"mtu": 100}, "576..9000"),
+        ({"egress_pool": "192.0.2.0/31"}, "at most /30"),
+        ({"egress_address": "192.0.2.5"}, "needs egress_pool"),
+        ({"egress_pool": "192.0.2.0/24", "egress_address": "192.0.2.1"}, "192.0.2.1"),
+        ({"egress_pool": "192.0.2.0/24", "egress_address": "192.0.3.9"}, "192.0.3.9"),
+        ({"namespace_prefix": "a b"}, "a b"),
+    ],
+)
+def test_validate_params_names_the_bad_value(override, fragment):
+    with pytest.raises(InvalidInput) as raised:
+        networks.validate_params(params(**override))
+    assert fragment in raised.value.msg
+
+
+def test_validate_params_accepts_good_input_and_absent_needs_little():
+    parsed = networks.validate_params(params(egress_pool="192.0.2.0/24", egress_address="192.0.2.9", vni=7))
+    assert parsed["network"] == ipaddress.ip_network("10.0.0.0/24")
+    assert networks.validate_params(params(state="absent", cidr=None, underlay_interface=None))["network"] is None
+
+
+def test_gateway_facts():
+    facts = networks.gateway_facts(ipaddress.ip_network("10.1.2.0/29"))
+    assert facts == {"gateway_ip": "10.1.2.1", "gateway_cidr": "10.1.2.1/29", "dhcp_range": "10.1.2.2-10.1.2.6"}
+
+
+INSTANCES = {
+    "vm1": {"name": "vm1", "interfaces": [{"network": "web", "mac": "02:73:63:00:00:0A", "ip": "10.0.0.10"},
+                                          {"network": "db", "mac": "02:73:63:00:00:0b", "ip": "10.9.0.3"}]},
+    "odd_name": {"name": "odd_name", "interfaces": [{"network": "web", "mac": "02:73:63:00:00:0c", "ip": "10.0.0.9"}]},
+    "other": {"name": "other", "interfaces": []},
+}
+
+
+def test_leases_and_attached_instances():
+    leases = networks.leases_for("web", INSTANCES)
+    assert sorted(leases) == [("02:73:63:00:00:0A", "10.0.0.10", "vm1"), ("02:73:63:00:00:0c", "10.0.0.9", None)]
+    assert networks.attached_instances("web", INSTANCES) == ["odd_name", "vm1"]
+    assert networks.attached_instances("none", INSTANCES) == []
+    # Sorted numerically by address, lower-case MACs, hostnames only when valid.
+    assert svc.dnsmasq_hosts(leases) == "02:73:63:00:00:0c,10.0.0.9\n02:73:63:00:00:0a,10.0.0.10,vm1\n"
+
+
+def test_dnsmasq_conf_is_dhcp_only_with_static_leases_and_mtu(tmp_path):
+    conf = svc.dnsmasq_conf(str(tmp_path), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
+                            mtu=1450, dns_servers=["192.0.2.53", "192.0.2.54"])
+    lines = conf.splitlines()
+    assert "port=0" in lines and "interface=lan" in lines
+    assert "dhcp-range=10.0.0.0,static,255.255.255.0,12h" in lines
+    assert "dhcp-option-force=option:mtu,1450" in lines
+    assert "dhcp-option=option:dns-server,192.0.2.53,192.0.2.54" in lines
+    assert "pid-file=%s/dnsmasq.pid" % tmp_path in lines
+    no_dns = svc.dnsmasq_conf(str(tmp_path), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
+                              mtu=1400, dns_servers=[])
+    assert "dns-server" not in no_dns
+
+
+def test_nft_script_keeps_floating_chains_and_comments_every_rule():
+    script = svc.nft_base_script("lan", "wan", "10.0.0.0/24", "192.0.2.7")
+    assert "flush chain ip smallcloud floating" not in script  # floating rules survive a rewrite
+    rules = [line for line in script.splitlines() if line.startswith("add rule")]
+    assert rules and all('comment "' in line for line in rules)
+    assert 'add rule ip smallcloud postrouting oifname "wan" ip saddr 10.0.0.0/24 snat to 192.0.2.7' \
+        ' comment "egress 10.0.0.0/24 via 192.0.2.7"' in script
+    assert [comment for _c, _r, comment in svc.nft_base_rules("lan", "wan", "10.0.0.0/24", "192.0.2.7")] == [
+        "floating dnat", "floating snat", "egress 10.0.0.0/24 via 192.0.2.7", "replies in", "floating in",
+        "isolate 10.0.0.0/24"]
+
+
+def test_top_records_skips_nested_keys():
+    assert networks.top_records({"a": 1, "a/b": 2, "c": 3}) == {"a": 1, "c": 3}
+
+
+def test_in_netns_wraps_only_named_namespaces():
+    assert svc.in_netns(None, ["nft", "list"]) == ["nft", "list"]
+    assert svc.in_netns("x", ["nft"]) == ["ip", "netns", "exec", "x", "nft"]

@@ -137,6 +137,32 @@ def converge_image(module):
             os.rmdir(cache_dir)  # a failed first fetch leaves nothing behind, not even the dir
 
 
+class _Caller(object):
+    """What converge_image reads from a module, for module_utils that cache an image on their own behalf."""
+
+    def __init__(self, params, check_mode):
+        self.params = params
+        self.check_mode = check_mode
+        self.warnings = []
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+
+def ensure_cached(check_mode=False, **options):
+    """Have the image in the cache, fetched if missing: the image module's result plus ``warnings``.
+
+    ``options`` are the image module's options; the rest take that module's defaults.
+    """
+    params = dict((name, spec.get("default")) for name, spec in IMAGE_ARGS.items())
+    params.update(options)
+    params["state"] = "present"
+    caller = _Caller(params, check_mode)
+    result = converge_image(caller)
+    result["warnings"] = caller.warnings
+    return result
+
+
 def _describe(entry, meta):
     """The entry as the diff shows it."""
     if meta is None:

@@ -1,0 +1,116 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The ``cloud_info`` module's logic: what etcd records next to what this host runs, differences flagged.
+
+Read-only. One etcd listing per folder (networks, instances, floating, optionally events) and one
+libvirt connection; a record or a host object that has no counterpart, or disagrees with it, becomes an
+entry of ``differences``: ``{"kind", "name", "problem"}``.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import os
+import socket
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils import domain as dom_xml
+from ansible_collections.smallcloud.kvm.plugins.module_utils import networks as net_utils
+from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.instances import open_libvirt
+from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - open_libvirt raises MissingLibrary
+    libvirt = None
+
+CLOUD_INFO_ARGS = with_common(
+    dict(
+        events=dict(type="bool", default=False),
+        namespace_prefix=dict(type="str", default="scnet-"),
+        sysfs_root=dict(type="path", default="/sys"),
+    ),
+    ETCD_ARGS,
+    LIBVIRT_ARGS,
+)
+
+
+def host_domains(conn):
+    """``{name: {"managed", "state", "macs", "bridges"}}`` of every domain libvirt has on this host."""
+    found = {}
+    for domain in conn.listAllDomains(0):
+        seen = dom_xml.observe(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        found[domain.name()] = {
+            "managed": seen["managed"],
+            "state": "running" if domain.isActive() else "stopped",
+            "macs": [nic["mac"] for nic in seen["nics"]],
+            "bridges": [nic["bridge"] for nic in seen["nics"]],
+        }
+    return found
+
+
+def instance_differences(records, domains, host):
+    """Differences between the instance records of ``host`` and its domains."""
+    problems = []
+    for name, record in sorted(records.items()):
+        if not isinstance(record, dict) or record.get("host") not in (None, host):
+            continue
+        domain = domains.get(name)
+        if domain is None:
+            problems.append({"kind": "instance", "name": name, "problem": "recorded on this host but not defined"})
+            continue
+        if record.get("state") and record["state"] != domain["state"]:
+            problems.append({"kind": "instance", "name": name, "problem": "recorded %s but %s" % (
+                record["state"], domain["state"])})
+        macs = [nic.get("mac") for nic in record.get("interfaces") or []]
+        if macs != domain["macs"]:
+            problems.append({"kind": "instance", "name": name, "problem": "recorded MACs %s but the domain has %s"
+                             % (", ".join(macs) or "none", ", ".join(domain["macs"]) or "none")})
+    for name, domain in sorted(domains.items()):
+        if domain["managed"] and name not in records:
+            problems.append({"kind": "instance", "name": name, "problem": "smallcloud domain without a record"})
+    return problems
+
+
+def network_view(records, sysfs_root, prefix):
+    """Each network record with whether its bridge exists here; differences for missing bridges."""
+    view, problems = {}, []
+    for name, record in sorted(records.items()):
+        if not isinstance(record, dict) or record.get("vni") is None:
+            continue
+        bridge = net_utils.device_names(record["vni"], prefix)["bridge"]
+        present = os.path.isdir(os.path.join(sysfs_root, "class", "net", bridge))
+        view[name] = dict(record, bridge=bridge, bridge_present=present)
+    return view, problems
+
+
+def converge_info(module):
+    """Entry point for run_module: the cloud as etcd records it and as this host runs it."""
+    params = module.params
+    store = Store.from_params(params)
+    host = socket.gethostname()
+    instance_records = net_utils.top_records(store.list("instances"))
+    networks, problems = network_view(net_utils.top_records(store.list("networks")), params["sysfs_root"],
+                                      params["namespace_prefix"])
+    conn = open_libvirt(params["uri"])
+    try:
+        domains = host_domains(conn)
+    finally:
+        conn.close()
+    problems += instance_differences(instance_records, domains, host)
+    for name, network in networks.items():
+        users = [r for r in instance_records.values() if isinstance(r, dict) and r.get("host") in (None, host)
+                 and any(nic.get("network") == name for nic in r.get("interfaces") or [])]
+        if users and not network["bridge_present"]:
+            problems.append({"kind": "network", "name": name, "problem": "instances here use it but bridge %s is "
+                             "missing" % network["bridge"]})
+    result = {
+        "changed": False, "host": host, "networks": networks, "instances": instance_records,
+        "floating": store.list("floating"), "floating_ips": net_utils.top_records(store.list("floating_ips")),
+        "domains": domains, "differences": problems,
+    }
+    if params["events"]:
+        result["events"] = store.list("events")
+    return result

@@ -1,0 +1,108 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: cloud_info
+short_description: What etcd records about the cloud next to what this host runs, with differences flagged
+description:
+  - Reads the records of networks, instances and floating IPs (and optionally the event logs) from etcd,
+    and the libvirt domains and network bridges of this host.
+  - Lists in RV(differences) every disagreement that concerns this host, for example an instance recorded
+    here whose domain is not defined, a recorded state or MAC that the domain does not have, a smallcloud
+    domain without a record, or a network that instances here use whose bridge is missing.
+  - Changes nothing.
+version_added: "0.1.0"
+author:
+  - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.etcd
+  - smallcloud.kvm.libvirt
+options:
+  events:
+    description: Also return the event logs (C(events/KIND/NAME/...)).
+    type: bool
+    default: false
+  namespace_prefix:
+    description: Prefix of the networks' gateway namespaces (the C(namespace_prefix) of M(smallcloud.kvm.network)).
+    type: str
+    default: scnet-
+  sysfs_root:
+    description: Where sysfs is mounted; bridges are looked up under C(class/net) there.
+    type: path
+    default: /sys
+notes:
+  - Supports check mode; it never changes anything.
+requirements:
+  - libvirt-python
+"""
+
+EXAMPLES = r"""
+- name: Compare the cloud's records with this hypervisor
+  smallcloud.kvm.cloud_info:
+  register: cloud
+
+- name: Fail when records and host disagree
+  ansible.builtin.assert:
+    that: cloud.differences | length == 0
+    fail_msg: "{{ cloud.differences }}"
+"""
+
+RETURN = r"""
+host:
+  description: This host's name, as instance records name it.
+  returned: always
+  type: str
+networks:
+  description: Network records by name, each with C(bridge) and C(bridge_present) (on this host) added.
+  returned: always
+  type: dict
+instances:
+  description: Instance records by name (all hosts).
+  returned: always
+  type: dict
+floating:
+  description: Floating IP allocations, C(POOL/ADDRESS) -> record.
+  returned: always
+  type: dict
+floating_ips:
+  description: Floating IP records by address, each C({address, pool, network, instance, fixed_ip}).
+  returned: always
+  type: dict
+domains:
+  description: libvirt domains of this host by name, with C(managed), C(state), C(macs) and C(bridges).
+  returned: always
+  type: dict
+differences:
+  description: Each disagreement between the records and this host, C({kind, name, problem}).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - kind: instance
+      name: web1
+      problem: recorded running but stopped
+events:
+  description: Event logs, C(KIND/NAME/STAMP) -> C({time, message}).
+  returned: when O(events=true)
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.cloud_view import CLOUD_INFO_ARGS, converge_info
+from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+
+
+def main():
+    module = AnsibleModule(argument_spec=CLOUD_INFO_ARGS, supports_check_mode=True)
+    run_module(module, converge_info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: instance
+short_description: Cloud instances as libvirt domains on cached images, with MAC and IP from etcd
+description:
+  - Converges one instance (O(name)) or many in one call (O(instances)) on this host and records each in
+    etcd under C(instances/NAME).
+  - The root disk is a qcow2 overlay on the image from the image cache (see M(smallcloud.kvm.image)), grown
+    to O(disk_size) and never shrunk. Ephemeral disks are created fresh. A cloud-init NoCloud seed (ISO
+    labelled C(cidata)) carries the hostname, SSH keys, user-data and a network-config that takes DHCP on
+    every NIC.
+  - Each NIC gets a MAC and an IP allocated in etcd (owner C(instance/NAME)) and attaches to its network's
+    bridge C(br-<vni hex>); when the network's DHCP runs on this host its static leases are refreshed.
+  - The serial console is logged to C(<instances_dir>/NAME/console.log).
+  - Idempotent by comparing libvirt's normalised definition field by field (vCPUs, memory, disks, NICs by
+    MAC and bridge, virt type, console log). Changes a running guest only sees after a restart are written
+    to the definition and reported as RV(needs_restart); the guest is never restarted silently.
+  - O(state=stopped) shuts the guest down through ACPI and forces it off after O(shutdown_timeout) seconds.
+    O(state=absent) also undefines the domain (with managed save, snapshots or NVRAM), deletes its disks,
+    seed and console log, releases its MACs and IPs and deletes its record.
+  - Every instance is validated before anything changes; a creation that fails undoes what it did.
+  - A batch re-run with nothing to change costs one libvirt connection, one etcd listing and no command.
+version_added: "0.1.0"
+author:
+  - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.etcd
+  - smallcloud.kvm.libvirt
+options:
+  name:
+    description:
+      - Name of the instance and its libvirt domain (1-63 letters, digits, C(.), C(_) or C(-), starting with a
+        letter or digit).
+      - Mutually exclusive with O(instances).
+    type: str
+  instances:
+    description:
+      - Instances to converge in one call, each a dict with any of the per-instance options O(name) (required),
+        O(image), O(image_checksum), O(cpus), O(memory), O(disk_size), O(ephemeral_disks), O(networks),
+        O(ssh_keys), O(user_data), O(hostname), O(state), O(virt_type), O(shutdown_timeout), O(autostart).
+      - A key left out takes the value of the top-level option, so shared settings are given once.
+    type: list
+    elements: dict
+  image:
+    description:
+      - The image of the root disk, used when the root disk is created; later changes do not rebuild it.
+      - A URL (C(https://), C(http://), C(file://)), an absolute path, or a catalog shorthand such as
+        C(debian:12), fetched into O(image_cache_dir) like M(smallcloud.kvm.image) does.
+      - Required unless O(state=absent).
+    type: str
+  image_checksum:
+    description:
+      - Checksum of a remote image, C(sha256:HEX) (or C(skip)); see the C(checksum) option of M(smallcloud.kvm.image).
+    type: str
+  image_cache_dir:
+    description: Directory of the image cache.
+    type: path
+    default: /var/lib/smallcloud/images
+  cpus:
+    description: Number of vCPUs (1..255).
+    type: int
+    default: 1
+  memory:
+    description: Memory in MiB (at least 32, at most what the host has).
+    type: int
+    default: 512
+  disk_size:
+    description:
+      - Size of the root disk, for example C(10G), C(512M) or C(20GiB); a bare number means GiB.
+      - Default the image's size. Never smaller than the image, and an existing disk is never shrunk.
+    type: str
+  ephemeral_disks:
+    description: Sizes of extra empty qcow2 disks (C(vdb), C(vdc), ...), created fresh.
+    type: list
+    elements: str
+    default: []
+  networks:
+    description:
+      - Networks (made by M(smallcloud.kvm.network)) to attach, one NIC each, in order.
+      - 'Each entry is a network name or a dict C({name: NETWORK, ip: ADDRESS}) asking for a fixed IP.'
+    type: list
+    elements: raw
+    default: []
+  ssh_keys:
+    description: OpenSSH public keys put into the seed's meta-data (C(public-keys)).
+    type: list
+    elements: str
+    default: []
+  user_data:
+    description:
+      - cloud-init user-data, either cloud-config (a YAML mapping; the C(#cloud-config) header is added when
+        missing) or a script starting with C(#!).
+    type: str
+  hostname:
+    description: Hostname of the guest; default the instance name with C(_) and C(.) turned into C(-).
+    type: str
+  state:
+    description: Whether the instance should be running, defined but stopped, or gone.
+    type: str
+    choices: [running, stopped, absent]
+    default: running
+  virt_type:
+    description:
+      - Domain type. C(auto) takes O(detected_virt_type) when given, else C(qemu) (TCG), which works everywhere.
+    type: str
+    choices: [auto, kvm, qemu]
+    default: auto
+  detected_virt_type:
+    description:
+      - What the host supports, as found by the hypervisor role (pass C({{ smallcloud_virt_type | default(omit) }})).
+    type: str
+    choices: [kvm, qemu]
+  shutdown_timeout:
+    description: Seconds to wait for an ACPI shutdown before forcing the domain off; C(0) forces at once.
+    type: int
+    default: 60
+  autostart:
+    description: Start the domain when libvirtd starts.
+    type: bool
+    default: false
+  instances_dir:
+    description: Directory holding one subdirectory per instance with its disks, seed and console log.
+    type: path
+    default: /var/lib/smallcloud/instances
+  network_state_dir:
+    description: State directory of M(smallcloud.kvm.network) (its C(state_dir)), where its dnsmasq keeps the leases.
+    type: path
+    default: /run/smallcloud/networks
+  namespace_prefix:
+    description: Prefix of the networks' gateway namespaces (the C(namespace_prefix) of M(smallcloud.kvm.network)).
+    type: str
+    default: scnet-
+  sysfs_root:
+    description: Where sysfs is mounted; network bridges are looked up under C(class/net) there.
+    type: path
+    default: /sys
+notes:
+  - Supports check mode and diff mode.
+  - Needs the libvirt Python bindings, C(qemu-img) and C(genisoimage) on the host.
+requirements:
+  - libvirt-python
+  - qemu-img
+  - genisoimage
+"""
+
+EXAMPLES = r"""
+- name: One instance on the web network, with a fixed address
+  smallcloud.kvm.instance:
+    name: web1
+    image: debian:12
+    cpus: 2
+    memory: 1024
+    disk_size: 10G
+    networks:
+      - name: web
+        ip: 10.0.0.10
+    ssh_keys:
+      - "{{ lookup('file', '~/.ssh/id_ed25519.pub') }}"
+    virt_type: auto
+    detected_virt_type: "{{ smallcloud_virt_type | default(omit) }}"
+
+- name: Several instances in one call
+  smallcloud.kvm.instance:
+    image: https://images.example.com/tiny.qcow2
+    image_checksum: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+    memory: 128
+    networks: [web]
+    instances:
+      - name: node1
+      - name: node2
+        memory: 256
+      - name: node3
+        networks:
+          - name: web
+            ip: 10.0.0.13
+
+- name: Stop one, remove another
+  smallcloud.kvm.instance:
+    instances:
+      - name: web1
+        state: stopped
+      - name: node7
+        state: absent
+"""
+
+RETURN = r"""
+instances:
+  description: One entry per instance, in the order given.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Instance name.
+      type: str
+    host:
+      description: The host it runs on.
+      type: str
+    state:
+      description: C(running), C(stopped) or C(absent).
+      type: str
+    uuid:
+      description: Domain UUID (also the cloud-init instance-id); kept stable.
+      type: str
+    interfaces:
+      description: The NICs as recorded in etcd, C({network, mac, ip}).
+      type: list
+      elements: dict
+    ips:
+      description: The IP of each NIC.
+      type: list
+      elements: str
+    macs:
+      description: The MAC of each NIC.
+      type: list
+      elements: str
+    disks:
+      description: Paths of the root disk, ephemeral disks and seed.
+      type: list
+      elements: str
+    console_log:
+      description: File the serial console is logged to.
+      type: str
+    hostname:
+      description: Guest hostname.
+      type: str
+    changed:
+      description: Whether this instance changed.
+      type: bool
+    needs_restart:
+      description: The definition changed while the guest runs; it applies after the guest restarts.
+      type: bool
+    actions:
+      description: What was done to this instance (or would be in check mode).
+      type: list
+      elements: str
+  sample:
+    - name: web1
+      host: hv1
+      state: running
+      ips: [10.0.0.10]
+      macs: ["02:73:63:0a:1b:2c"]
+      console_log: /var/lib/smallcloud/instances/web1/console.log
+      needs_restart: false
+name:
+  description: With O(name), the instance's keys (RV(instances[].state), RV(instances[].ips), ...) at the top too.
+  returned: when O(name) is given
+  type: str
+needs_restart:
+  description: With O(name), whether the instance needs a restart to apply its definition.
+  returned: when O(name) is given and state is not absent
+  type: bool
+actions:
+  description: 'What was done, or would be done in check mode (C(NAME: action) in a batch).'
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.instances import (
+    INSTANCE_ARGS,
+    INSTANCE_ARGS_RULES,
+    converge,
+)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+
+
+def main():
+    module = AnsibleModule(argument_spec=INSTANCE_ARGS, supports_check_mode=True, **INSTANCE_ARGS_RULES)
+    run_module(module, converge)
+
+
+if __name__ == "__main__":
+    main()

@@ -91,7 +91,7 @@ def _expected(params, entry, url, scheme):
     if checksum_url is not None:
         fetch.check_url(checksum_url)
         return False, None, checksum_url
-    if scheme != "file":
+    if scheme != "file" and params.get("state", "present") == "present":  # removing fetches nothing to verify
         raise InvalidInput(
             "url %s is remote and no checksum was given: set checksum (sha256:<hex>), checksum_url, "
             "or checksum: skip to accept it unverified" % url,

@@ -395,6 +395,17 @@ def test_file_url_needs_no_checksum_and_state_absent_removes(served):
     assert converge(served, url=url, state="absent")["changed"] is False
 
 
+def test_removing_a_remote_image_needs_no_checksum(served):
+    """Nothing is fetched when an entry goes, so there is nothing to verify (teardowns name only the URL)."""
+    url = served.url("files/disk.raw.xz")
+    fetched = converge(served, url=url, checksum_url=served.url("files/SHA256SUMS"))
+    assert fetched["changed"] is True and os.path.exists(fetched["path"])
+    removed = converge(served, url=url, state="absent")
+    assert removed["changed"] is True and cache_is_empty(served.cache)
+    with pytest.raises(InvalidInput):
+        converge(served, url=url)  # fetching one still needs a checksum
+
+
 def test_catalog_entry_pointing_at_the_local_server(served, tmp_path):
     catalog_file = tmp_path / "catalog.yml"
     urls = (served.url("files/disk.raw.zst"), served.url("files/SHA256SUMS"))

@@ -523,6 +523,7 @@ class HostPlan(object):
         self.host_netns = runner.params["host_netns"]
         self.host = runner.host
         self.want = want
+        self._wan_addresses = None
         # Only this network's links: a full dump grows with the number of networks on the host.
         self.links = {}
         for name in self.device_set():
@@ -615,9 +616,21 @@ class HostPlan(object):
         want = self.want
         out = {LAN: [want["gateway_cidr"]]}
         if want["nat"]:
-            out[WAN] = ["%s/32" % want["egress"]]
+            out[WAN] = self.wan_addresses()
             out[want["wan_host"]] = ["%s/32" % TRANSIT_HOST]
         return out
+
+    def wan_addresses(self):
+        """wan's addresses: the egress address, and the floating IPs etcd records on this network.
+
+        smallcloud.kvm.floating_ip puts those on wan; they are not drift to remove here.
+        """
+        if self._wan_addresses is None:
+            floating = top_records(self.runner.store.list("floating_ips"))
+            self._wan_addresses = ["%s/32" % self.want["egress"]] + sorted(
+                "%s/32" % record["address"] for record in floating.values()
+                if isinstance(record, dict) and record.get("network") == self.runner.name and record.get("address"))
+        return self._wan_addresses
 
     def veth(self, host_end, inner_end, inside, mtu, master):
         """A veth from the host (optionally on ``master``) into the namespace, both ends up."""
@@ -652,7 +665,7 @@ class HostPlan(object):
         self.veth(want["wan_host"], WAN, inside, None, None)
         addresses[WAN] = self.ns().addresses(WAN) if WAN in inside else []
         addresses[want["wan_host"]] = self.host.addresses(want["wan_host"])
-        self.addresses(WAN, addresses[WAN], ["%s/32" % want["egress"]])
+        self.addresses(WAN, addresses[WAN], self.wan_addresses())
         self.addresses(want["wan_host"], addresses[want["wan_host"]], ["%s/32" % TRANSIT_HOST], self.host)
         inner_routes = self.ns().routes() if WAN in inside else []
         host_routes = self.host.routes()

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness.ksm import KSM, LOCK
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-KSM = Path("/sys/kernel/mm/ksm")
-LOCK = Path("/run/lock/smallcloud-ksm-tests.lock")  # the KSM tests and bench take it too
 
 
 @pytest.fixture

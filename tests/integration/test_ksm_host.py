@@ -5,20 +5,16 @@ of these tests (or the bench) on one machine never tune KSM at the same time.
 """
 
 import errno
-import fcntl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from harness.ksm import KSM, ksm_locked_and_restored, read, write, writable_settings
 from harness.ports import wait_for
 
 pytestmark = pytest.mark.integration
 
-KSM = Path("/sys/kernel/mm/ksm")
-LOCK = Path("/run/lock/smallcloud-ksm-tests.lock")
-# Written at the end, in this order: the ones the kernel takes only while nothing is merged first.
-NEED_EMPTY = ("merge_across_nodes", "max_page_sharing")
 # A process holding PAGES identical pages marked MADV_MERGEABLE (as QEMU marks guest RAM) until stdin
 # closes; non-zero content, because empty pages merge differently (use_zero_pages).
 WORKER = """
@@ -35,48 +31,12 @@ if not KSM.is_dir():
     pytest.skip("this kernel has no KSM", allow_module_level=True)
 
 
-def read(name):
-    return (KSM / name).read_text().strip()
-
-
-def write(name, value):
-    (KSM / name).write_text(str(value))
-
-
-def parsed(path):
-    """A sysfs value as text; a choice file (``[none] scan-time``) as its selected word."""
-    text = path.read_text().strip()
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else text
-
-
-def writable_settings():
-    """Every setting file of the real KSM directory, with its value now."""
-    return {path.name: parsed(path) for path in sorted(KSM.iterdir()) if path.stat().st_mode & 0o200}
-
-
-def restore(original):
-    """Put every KSM setting back; unmerge first when the kernel would refuse a value otherwise."""
-    current = writable_settings()
-    if any(current[name] != original[name] for name in NEED_EMPTY if name in original):
-        write("run", 2)
-    for name in (*NEED_EMPTY, *sorted(original)):
-        if name in original and name != "run" and parsed(KSM / name) != original[name]:
-            write(name, original[name])
-    write("run", original["run"])
-
-
 @pytest.fixture
 def real_ksm():
     """The real KSM directory, locked for this test and restored to every original value afterwards."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        original = writable_settings()
-        try:
-            yield original
-        finally:
-            restore(original)
-            assert writable_settings() == original
+    with ksm_locked_and_restored() as original:
+        yield original
+    assert writable_settings() == original
 
 
 @pytest.fixture

@@ -1,0 +1,98 @@
+"""The README's demo, end to end, through the `smallcloud demo` command: up (a guest answers HTTP through its
+floating IP from the outside namespace), a re-run that changes nothing, and a teardown that leaves nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness.ansible import ansible_env
+from harness.ksm import ksm_locked_and_restored
+from harness.netns import netns_list
+
+pytestmark = pytest.mark.e2e
+
+SMALLCLOUD = Path(sys.executable).parent / "smallcloud"
+FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+DEMO_LINK_PREFIXES = ("vx-", "br-", "ve-", "vg-", "scdemo")
+
+
+def virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def machine_as_found(libvirtd):
+    """The demo tunes KSM, turns IP forwarding on, gives /dev/kvm to group kvm and removes libvirt's default
+    network, as a hypervisor needs; afterwards all of that is put back as it was."""
+    forward = FORWARD.read_text().strip()
+    kvm = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
+    default_net = virsh("net-dumpxml", "--inactive", "default")
+    with ksm_locked_and_restored():
+        yield
+    subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={forward}"], check=True)
+    if kvm is not None:
+        os.chown("/dev/kvm", kvm.st_uid, kvm.st_gid)
+        os.chmod("/dev/kvm", kvm.st_mode & 0o7777)
+    if default_net.returncode == 0 and virsh("net-info", "default").returncode != 0:
+        subprocess.run(["virsh", "-c", "qemu:///system", "net-define", "/dev/stdin"], input=default_net.stdout,
+                       text=True, capture_output=True, check=True)
+
+
+def demo(*args):
+    """Run `smallcloud demo ARGS`; the JSON report of ansible-playbook."""
+    result = subprocess.run([str(SMALLCLOUD), "demo", *args], capture_output=True, text=True, env=ansible_env(),
+                            timeout=1800, check=False)
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        pytest.fail(f"smallcloud demo {args} gave no report (rc={result.returncode}):\n{result.stderr[-4000:]}")
+    stats = report["stats"]["localhost"]
+    failed = [(task["task"]["name"], task["hosts"]["localhost"].get("msg"))
+              for play in report["plays"] for task in play["tasks"]
+              if task["hosts"].get("localhost", {}).get("failed")]
+    assert result.returncode == 0 and stats["failures"] == 0, failed
+    return report, stats
+
+
+def demo_traces():
+    """What the demo could leave on this machine."""
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return {
+        "namespaces": sorted(n for n in netns_list() if n.startswith(("scnet-", "smallcloud-demo"))),
+        "links": sorted(line.split(": ")[1].split("@")[0] for line in links.splitlines()
+                        if line.split(": ")[1].startswith(DEMO_LINK_PREFIXES)),
+        "domains": sorted(d for d in virsh("list", "--all", "--name").stdout.split() if d.startswith("demo-")),
+        "processes": sorted(p for p in processes.splitlines()
+                            if ("http.server" in p and "8099" in p) or "smallcloud-demo-etcd" in p
+                            or ("dnsmasq" in p and "smallcloud" in p)),
+        "files": sorted(str(p) for p in (Path("/etc/init.d/smallcloud-demo-etcd"), Path("/var/lib/smallcloud/demo"),
+                                         Path("/var/lib/etcd/smallcloud-demo-etcd")) if p.exists()),
+    }
+
+
+def task_result(report, name):
+    return next(task["hosts"]["localhost"] for play in report["plays"] for task in play["tasks"]
+                if task["task"]["name"] == name)
+
+
+def test_demo_comes_up_reruns_unchanged_and_tears_down(machine_as_found):
+    before = demo_traces()
+    try:
+        report, stats = demo()
+        assert stats["changed"] > 0
+        summary = task_result(report, "Summary")["msg"]
+        assert sorted(summary["instances"]) == ["demo-web1", "demo-web2"]
+        answer = task_result(report, "Wait until demo-web1 answers HTTP through its floating IP, from the "
+                                     "outside namespace")
+        assert answer["stdout"].strip() == "demo-web1"  # the guest's own hostname, through DNAT from outside
+        assert "203.0.113." in summary["floating_ip"]
+
+        _again, stats = demo()
+        assert stats["changed"] == 0
+    finally:
+        demo("--teardown")
+    assert demo_traces() == before

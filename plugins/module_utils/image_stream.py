@@ -131,49 +131,6 @@ def _inflate_step(decoder, data):
 
 
 def _pipe_stream(argv, chunks):
-    """Decompress through a filter process (``zstd -d``): a feeder thread writes, this generator reads."""
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as error:
-        raise HostError("cannot run %s to decompress the image: %s" % (argv[0], error), argv=argv) from error
-    failure = []
-
-    def feed():
-        try:
-            for chunk in chunks:
-                process.stdin.write(chunk)
-        except Exception as error:  # noqa: BLE001 - handed to the reading side, which raises it
-            failure.append(error)
-        finally:
-            try:
-                process.stdin.close()
-            except (IOError, OSError):
-                pass
-
-    feeder = threading.Thread(target=feed, name="decompress-feed")
-    feeder.daemon = True
-    feeder.start()
-    try:
-        while True:
-            piece = process.stdout.read(CHUNK)
-            if not piece:
-                break
-            yield piece
-    finally:
-        process.stdout.close()
-        if feeder.is_alive() and not failure:
-            process.kill()  # the consumer stopped early: do not leave the filter waiting for input
-        rc = process.wait()
-        feeder.join()
-        stderr = process.stderr.read().decode("utf-8", "replace").strip()
-        process.stderr.close()
-    if failure and not (rc != 0 and isinstance(failure[0], (IOError, OSError)) and failure[0].errno == errno.EPIPE):
-        raise failure[0]
-    if rc != 0:
-        raise DownloadError("%s failed (exit %d): %s" % (" ".join(argv), rc, stderr or "corrupt or truncated data"))
-
-
-def _pipe_stream(argv, chunks):
     """Decompress through a filter process: a feeder thread writes ``chunks``, this generator reads."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

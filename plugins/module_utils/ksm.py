@@ -13,6 +13,7 @@ __metaclass__ = type
 import os
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.args import with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text, write_text
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
 
@@ -204,30 +205,6 @@ def persist_content(directory, desired):
     return "\n".join(lines) + "\n"
 
 
-def read_text(path):
-    """A file's content, or None when it does not exist."""
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
-
-
-def write_file(path, content):
-    """Write ``content`` to ``path`` atomically (temporary file + rename)."""
-    directory = os.path.dirname(path) or "."
-    try:
-        if not os.path.isdir(directory):
-            os.makedirs(directory)
-        temporary = "%s.%d.tmp" % (path, os.getpid())
-        with open(temporary, "w") as handle:
-            handle.write(content)
-        os.chmod(temporary, 0o644)
-        os.rename(temporary, path)
-    except (IOError, OSError) as error:
-        raise HostError("cannot write %s: %s" % (path, error), path=path) from error
-
-
 def _check_present(directory, raw, desired):
     """Fail, naming the file, when a wanted setting does not exist in this kernel."""
     for name in desired:
@@ -267,7 +244,7 @@ def converge(params):
         path = params.get("persist_path") or DEFAULT_PERSIST_PATH
         content = persist_content(directory, desired)
         if plan.compare("persist_file", read_text(path), content):
-            plan.add("write %s" % path, write_file, path, content)
+            plan.add("write %s" % path, write_text, path, content)
     try:
         plan.apply(params.get("check_mode", False))
     except HostError:

@@ -16,6 +16,7 @@ import signal
 import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text, write_text  # noqa: F401 - used as svc.*
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
 
 NETNS_DIR = "/run/netns"  # where `ip netns` keeps named namespaces
@@ -180,26 +181,6 @@ def dnsmasq_hosts(leases):
     for mac, ip, hostname in sorted(leases, key=lambda lease: tuple(int(part) for part in lease[1].split("."))):
         lines.append(",".join([mac.lower(), ip] + ([hostname] if hostname else [])))
     return "".join(line + "\n" for line in lines)
-
-
-def read_text(path):
-    """A file's text, or None when it does not exist."""
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except (IOError, OSError):
-        return None
-
-
-def write_text(path, text):
-    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o755)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.rename(temporary, path)
 
 
 def dnsmasq_pid(state_dir):

@@ -145,8 +145,8 @@ def main():
         if "noop_ms" in entry:
             line += "; no-op re-converge: %.1f ms/network" % entry["noop_ms"]
         print(line)
-    print("per-network cost at %d / at %d: %.2f (1.0 = linear)" % (args.sizes[1], args.sizes[0],
-                                                                 result["growth_ratio"]))
+    growth = (args.sizes[1], args.sizes[0], result["growth_ratio"])
+    print("per-network cost at %d / at %d: %.2f (1.0 = linear)" % growth)
     print("create / baseline: %.2f; no-op / create: %.2f" % (result["create_vs_baseline"], result["noop_vs_create"]))
 
 

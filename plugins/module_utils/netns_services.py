@@ -16,7 +16,7 @@ import signal
 import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
-from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text, write_text  # noqa: F401 - used as svc.*
+from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
 
 NETNS_DIR = "/run/netns"  # where `ip netns` keeps named namespaces

@@ -28,6 +28,7 @@ import ipaddress
 import os
 import re
 
+from ansible_collections.smallcloud.kvm.plugins.module_utils import files
 from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import Conflict, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.netdev import NetDev
@@ -200,9 +201,9 @@ def refresh_leases(network_name, record, instances, state_dir, namespace_prefix)
         return False  # the network's gateway is another host
     hosts_path = os.path.join(gateway_dir, "hosts")
     hosts = svc.dnsmasq_hosts(leases_for(network_name, instances))
-    if svc.read_text(hosts_path) == hosts:
+    if files.read_text(hosts_path) == hosts:
         return False
-    svc.write_text(hosts_path, hosts)
+    files.write_text(hosts_path, hosts)
     svc.dnsmasq_reload(gateway_dir)
     return True
 
@@ -716,7 +717,7 @@ class HostPlan(object):
         """dnsmasq in the namespace: conf, static leases (SIGHUP on change), running."""
         want, state_dir = self.want, self.want["state_dir"]
         conf_path, hosts_path = os.path.join(state_dir, "dnsmasq.conf"), os.path.join(state_dir, "hosts")
-        conf, hosts = svc.read_text(conf_path), svc.read_text(hosts_path)
+        conf, hosts = files.read_text(conf_path), files.read_text(hosts_path)
         pid = svc.dnsmasq_pid(state_dir)
         if not want["dhcp"]:
             self.plan.compare("leases", hosts, None)
@@ -726,9 +727,9 @@ class HostPlan(object):
             return
         self.plan.compare("leases", hosts, want["hosts"])
         if conf != want["conf"]:
-            self.plan.add("write %s" % conf_path, svc.write_text, conf_path, want["conf"])
+            self.plan.add("write %s" % conf_path, files.write_text, conf_path, want["conf"])
         if hosts != want["hosts"]:
-            self.plan.add("write %s (%d leases)" % (hosts_path, want["hosts"].count("\n")), svc.write_text,
+            self.plan.add("write %s (%d leases)" % (hosts_path, want["hosts"].count("\n")), files.write_text,
                           hosts_path, want["hosts"])
         if pid is not None and conf != want["conf"]:
             self.plan.add("stop dnsmasq (configuration changed)", svc.dnsmasq_stop, state_dir)

@@ -47,6 +47,7 @@ def kvm_device(libvirtd):
 @pytest.fixture
 def staged_network(etcd, kvm_device):
     """Record, bridge, gateway namespace and dnsmasq of network 'lan'; all removed afterwards."""
+    from ansible_collections.smallcloud.kvm.plugins.module_utils import files
     from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
     from ansible_collections.smallcloud.kvm.plugins.module_utils.networks import device_names
     from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
@@ -67,9 +68,9 @@ def staged_network(etcd, kvm_device):
         run("ip", "link", "set", names["lan_host"], "master", names["bridge"], "up")
         run("ip", "-n", names["namespace"], "addr", "add", GATEWAY + "/24", "dev", "lan")
         run("ip", "-n", names["namespace"], "link", "set", "lan", "up")
-        svc.write_text(os.path.join(state_dir, "dnsmasq.conf"), svc.dnsmasq_conf(
+        files.write_text(os.path.join(state_dir, "dnsmasq.conf"), svc.dnsmasq_conf(
             state_dir, "lan", ipaddress.ip_network(CIDR), gateway_ip=GATEWAY, mtu=1450, dns_servers=[]))
-        svc.write_text(os.path.join(state_dir, "hosts"), "")
+        files.write_text(os.path.join(state_dir, "hosts"), "")
         svc.dnsmasq_start(names["namespace"], state_dir)
         Store.from_params(etcd.module_args).put("networks/lan", {
             "name": "lan", "cidr": CIDR, "vni": vni, "mtu": 1450, "dhcp": True, "dns_servers": [], "nat": False,

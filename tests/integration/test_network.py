@@ -300,6 +300,7 @@ def test_bad_input_fails_clearly_and_allocates_nothing(ansible, etcd, lab):
     store = store_for(etcd)
     # Exhaust the /30 pool: its one assignable address is taken.
     store.allocate_floating("192.0.2.0/30", "someone")
+
     def ours():
         return [name for name in netns_list() if lab.tag in name]  # other people's tests make namespaces too
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from collection_copy import ROOT, copy_collection
+from harness.ansible import ansible_env
 
 pytestmark = pytest.mark.static
 
@@ -51,6 +52,6 @@ def test_ansible_lint_production_profile():
         pytest.skip("no roles or playbooks yet")
     result = run(
         [str(VENV_BIN / "ansible-lint"), "--profile", "production", "--offline", "--nocolor", *targets],
-        cwd=ROOT, timeout=900,
+        cwd=ROOT, timeout=900, env=ansible_env(),  # the checkout as smallcloud.kvm, whoever runs pytest
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]

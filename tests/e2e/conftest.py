@@ -1,7 +1,14 @@
 """Fixtures of the e2e tier. Add yours below; keep each fixture's logic in a helper module."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
+from harness.ksm import ksm_locked_and_restored
 from tinyimage import build_tiny_image
+
+FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +17,25 @@ def tiny_image():
     in .cache/images/tiny across runs; rebuilt only when the build script or its inputs change.
     Serve it with ``http_server(tiny_image.directory)``; never write to its files (use an overlay)."""
     return build_tiny_image()
+
+
+def virsh(*args):
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def machine_as_found(libvirtd):
+    """Deploying a hypervisor tunes KSM, turns IP forwarding on, gives /dev/kvm to group kvm and removes
+    libvirt's default network; afterwards all of that is put back as this machine had it."""
+    forward = FORWARD.read_text().strip()
+    kvm = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
+    default_net = virsh("net-dumpxml", "--inactive", "default")
+    with ksm_locked_and_restored():
+        yield
+    subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={forward}"], check=True)
+    if kvm is not None:
+        os.chown("/dev/kvm", kvm.st_uid, kvm.st_gid)
+        os.chmod("/dev/kvm", kvm.st_mode & 0o7777)
+    if default_net.returncode == 0 and virsh("net-info", "default").returncode != 0:
+        subprocess.run(["virsh", "-c", "qemu:///system", "net-define", "/dev/stdin"], input=default_net.stdout,
+                       text=True, capture_output=True, check=True)

@@ -2,43 +2,18 @@
 floating IP from the outside namespace), a re-run that changes nothing, and a teardown that leaves nothing."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from harness.ansible import ansible_env
-from harness.ksm import ksm_locked_and_restored
 from harness.netns import netns_list
 
 pytestmark = pytest.mark.e2e
 
 SMALLCLOUD = Path(sys.executable).parent / "smallcloud"
-FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 DEMO_LINK_PREFIXES = ("vx-", "br-", "ve-", "vg-", "scdemo")
-
-
-def virsh(*args):
-    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False)
-
-
-@pytest.fixture
-def machine_as_found(libvirtd):
-    """The demo tunes KSM, turns IP forwarding on, gives /dev/kvm to group kvm and removes libvirt's default
-    network, as a hypervisor needs; afterwards all of that is put back as it was."""
-    forward = FORWARD.read_text().strip()
-    kvm = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
-    default_net = virsh("net-dumpxml", "--inactive", "default")
-    with ksm_locked_and_restored():
-        yield
-    subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={forward}"], check=True)
-    if kvm is not None:
-        os.chown("/dev/kvm", kvm.st_uid, kvm.st_gid)
-        os.chmod("/dev/kvm", kvm.st_mode & 0o7777)
-    if default_net.returncode == 0 and virsh("net-info", "default").returncode != 0:
-        subprocess.run(["virsh", "-c", "qemu:///system", "net-define", "/dev/stdin"], input=default_net.stdout,
-                       text=True, capture_output=True, check=True)
 
 
 def demo(*args):
@@ -65,7 +40,9 @@ def demo_traces():
         "namespaces": sorted(n for n in netns_list() if n.startswith(("scnet-", "smallcloud-demo"))),
         "links": sorted(line.split(": ")[1].split("@")[0] for line in links.splitlines()
                         if line.split(": ")[1].startswith(DEMO_LINK_PREFIXES)),
-        "domains": sorted(d for d in virsh("list", "--all", "--name").stdout.split() if d.startswith("demo-")),
+        "domains": sorted(d for d in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                                                    capture_output=True, text=True, check=False).stdout.split()
+                          if d.startswith("demo-")),
         "processes": sorted(p for p in processes.splitlines()
                             if ("http.server" in p and "8099" in p) or "smallcloud-demo-etcd" in p
                             or ("dnsmasq" in p and "smallcloud" in p)),

@@ -21,6 +21,7 @@ version_added: "0.1.0"
 author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
+  - smallcloud.kvm.attributes.info_module
   - smallcloud.kvm.etcd
   - smallcloud.kvm.libvirt
 options:

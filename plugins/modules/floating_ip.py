@@ -27,6 +27,7 @@ version_added: "0.1.0"
 author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
+  - smallcloud.kvm.attributes
   - smallcloud.kvm.etcd
 options:
   pool:

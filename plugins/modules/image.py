@@ -29,6 +29,8 @@ description:
     sizes and the last use, for M(smallcloud.kvm.image_cache).
 author:
   - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.attributes
 options:
   url:
     description:
@@ -106,13 +108,6 @@ requirements:
   - zstd, only for zstd-compressed images
 seealso:
   - module: smallcloud.kvm.image_cache
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
 """
 
 EXAMPLES = r"""

@@ -22,6 +22,8 @@ description:
     (C(qemu-img info --backing-chain)); such entries are reported in RV(kept).
 author:
   - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.attributes
 options:
   cache_dir:
     description:
@@ -65,13 +67,6 @@ requirements:
   - qemu-img (Debian package C(qemu-utils))
 seealso:
   - module: smallcloud.kvm.image
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
 """
 
 EXAMPLES = r"""

@@ -24,6 +24,8 @@ description:
   - Bad values fail before anything is written.
 author:
   - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.attributes
 options:
   run:
     description:
@@ -85,13 +87,6 @@ options:
     description: Where sysfs is mounted; KSM lives in C(kernel/mm/ksm) below it.
     type: path
     default: /sys
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
 notes:
   - Needs root on the managed host, as every write to sysfs does.
 seealso:

@@ -18,18 +18,13 @@ description:
   - On a kernel without KSM it returns RV(ksm.available=false) instead of failing.
 author:
   - smallcloud developers (@smallcloud)
+extends_documentation_fragment:
+  - smallcloud.kvm.attributes.info_module
 options:
   sysfs_root:
     description: Where sysfs is mounted; KSM lives in C(kernel/mm/ksm) below it.
     type: path
     default: /sys
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: none
 seealso:
   - module: smallcloud.kvm.ksm
 """

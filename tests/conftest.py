@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 from harness import ansible as ansible_harness  # noqa: E402
 from harness.etcd import EtcdCluster, count_keys, delete_prefix  # noqa: E402
 from harness.httpserver import HttpServer  # noqa: E402
-from harness.libvirtd import Libvirtd  # noqa: E402
+from harness.libvirtd import Libvirtd, kvm_device_for_qemu  # noqa: E402
 from harness.netns import NetnsFactory  # noqa: E402
 
 
@@ -71,6 +71,13 @@ def libvirtd():
     daemon = Libvirtd()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def kvm_device(libvirtd):
+    """/dev/kvm usable by libvirt's QEMU user, as on a deployed hypervisor; put back afterwards."""
+    with kvm_device_for_qemu():
+        yield
 
 
 @pytest.fixture

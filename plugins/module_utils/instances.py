@@ -336,6 +336,11 @@ def converge(module):
         runners = [InstanceRunner(context, want) for want in wanted]
         for runner in runners:
             runner.prepare()
+        if not context.check_mode:
+            # Every guest this batch stops is asked at once, after the whole batch validated, so their
+            # shutdown waits overlap: N guests that ignore ACPI cost one shutdown_timeout, not N.
+            for runner in runners:
+                runner.request_shutdown()
         results = [runner.converge() for runner in runners]
     finally:
         conn.close()
@@ -373,6 +378,8 @@ class InstanceRunner(object):
         self.needs_restart = False
         self.creating = False
         self.undo = []
+        self.stopping = False
+        self.shutdown_deadline = None
 
     # paths -------------------------------------------------------------------------------------
 
@@ -788,8 +795,7 @@ class InstanceRunner(object):
             self.plan.add("start domain %s" % self.name, self.start)
             self.needs_restart = False  # a fresh start picks up the new definition
         else:
-            self.plan.add("shut down domain %s (ACPI, then force after %d s)"
-                          % (self.name, self.want["shutdown_timeout"]), self.stop)
+            self.plan_stop()
             self.needs_restart = False
 
     def plan_record(self, nics):
@@ -822,19 +828,31 @@ class InstanceRunner(object):
             self.record = dict(self.record, state="running")
             self.ctx.store.put(self.path, self.record)
 
+    def plan_stop(self):
+        self.stopping = True
+        self.plan.add("shut down domain %s (ACPI, then force after %d s)"
+                      % (self.name, self.want["shutdown_timeout"]), self.stop)
+
+    def request_shutdown(self):
+        """Send the ACPI shutdown the plan will wait for, and start its clock (once)."""
+        if not self.stopping or self.shutdown_deadline is not None:
+            return
+        self.shutdown_deadline = time.time() + self.want["shutdown_timeout"]
+        if self.want["shutdown_timeout"] > 0 and self.domain.isActive():
+            try:
+                self.domain.shutdown()
+            except libvirt.libvirtError:
+                pass  # e.g. no ACPI: forced off by stop()
+
     def stop(self):
-        """ACPI shutdown, wait up to shutdown_timeout, then force it off."""
+        """ACPI shutdown, wait up to shutdown_timeout after asking, then force it off."""
         domain = self.domain
         if not domain.isActive():
             return
-        deadline = time.time() + self.want["shutdown_timeout"]
-        if self.want["shutdown_timeout"] > 0:
-            try:
-                domain.shutdown()
-            except libvirt.libvirtError:
-                pass  # e.g. no ACPI: forced off below
-            while time.time() < deadline and domain.isActive():
-                time.sleep(0.2)
+        self.stopping = True
+        self.request_shutdown()
+        while time.time() < self.shutdown_deadline and domain.isActive():
+            time.sleep(0.2)
         if domain.isActive():
             try:
                 domain.destroy()
@@ -860,8 +878,7 @@ class InstanceRunner(object):
         self.plan.compare("state", before, "absent")
         if self.seen is not None:
             if self.seen["state"] == "running":
-                self.plan.add("shut down domain %s (ACPI, then force after %d s)"
-                              % (self.name, self.want["shutdown_timeout"]), self.stop)
+                self.plan_stop()
             self.plan.add("undefine domain %s" % self.name, self.undefine)
         if os.path.isdir(self.dir):
             self.plan.add("delete %s (disks, seed, console log)" % self.dir, shutil.rmtree, self.dir)

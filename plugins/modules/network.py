@@ -111,6 +111,15 @@ options:
     description: Directory for the per-network dnsmasq configuration, hosts file, leases and pid file.
     type: path
     default: /run/smallcloud/networks
+  departing_instances:
+    description:
+      - With O(state=absent) in check mode only, instances that an earlier task of the same run deletes.
+        Check mode only previews that deletion, so their records still name the network; these names then
+        do not block the preview of its removal.
+      - Ignored outside check mode, where an instance record that is still there always blocks O(state=absent).
+    type: list
+    elements: str
+    default: []
 requirements:
   - pyroute2 (Debian python3-pyroute2)
   - iproute2, nftables, dnsmasq

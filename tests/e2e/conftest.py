@@ -1,11 +1,13 @@
 """Fixtures of the e2e tier. Add yours below; keep each fixture's logic in a helper module."""
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from harness.ksm import ksm_locked_and_restored
+from harness.host import virsh
+from harness.ksm import LOCK, ksm_locked_and_restored
 from tinyimage import build_tiny_image
 
 FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -17,10 +19,6 @@ def tiny_image():
     in .cache/images/tiny across runs; rebuilt only when the build script or its inputs change.
     Serve it with ``http_server(tiny_image.directory)``; never write to its files (use an overlay)."""
     return build_tiny_image()
-
-
-def virsh(*args):
-    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture
@@ -39,3 +37,12 @@ def machine_as_found(libvirtd):
     if default_net.returncode == 0 and virsh("net-info", "default").returncode != 0:
         subprocess.run(["virsh", "-c", "qemu:///system", "net-define", "/dev/stdin"], input=default_net.stdout,
                        text=True, capture_output=True, check=True)
+
+
+@pytest.fixture
+def ksm_lock():
+    """Hold the KSM lock without restoring anything: for tests that check a playbook restores KSM itself."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

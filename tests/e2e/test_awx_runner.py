@@ -29,6 +29,12 @@ TEARDOWN = """\
 - name: Tear the cloud down
   ansible.builtin.import_playbook: smallcloud.kvm.teardown
 """
+REMOVE_ETCD = """\
+- name: Remove the etcd member with its data
+  ansible.builtin.import_playbook: smallcloud.kvm.etcd_remove
+  vars:
+    etcd_remove_data: true
+"""
 
 
 def private_data_dir(root):
@@ -36,6 +42,7 @@ def private_data_dir(root):
     (root / "project").mkdir(parents=True)
     (root / "project" / "site.yml").write_text(SITE)
     (root / "project" / "teardown.yml").write_text(TEARDOWN)
+    (root / "project" / "remove_etcd.yml").write_text(REMOVE_ETCD)
     (root / "inventory").mkdir()
     host = {"localhost": {"ansible_connection": "local", "ansible_python_interpreter": MANAGED_PYTHON}}
     (root / "inventory" / "hosts").write_text(yaml.safe_dump(
@@ -72,19 +79,6 @@ def final_stats(events):
     return stats[-1]["event_data"]
 
 
-def remove_etcd_instance():
-    """The etcd member the job deployed: stopped, unregistered, its files gone."""
-    init = Path("/etc/init.d") / ETCD_SERVICE
-    if init.exists():
-        subprocess.run([str(init), "stop"], capture_output=True, check=False)
-        init.unlink()
-        subprocess.run(["update-rc.d", "-f", ETCD_SERVICE, "remove"], capture_output=True, check=False)
-    for path in (Path("/etc/etcd") / f"{ETCD_SERVICE}.conf.yml", Path("/etc/etcd") / f"{ETCD_SERVICE}.etcdctl.env",
-                 Path("/var/log/etcd") / f"{ETCD_SERVICE}.log"):
-        path.unlink(missing_ok=True)
-    subprocess.run(["rm", "-rf", f"/var/lib/etcd/{ETCD_SERVICE}"], check=True)
-
-
 def test_deploy_and_converge_through_ansible_runner(tmp_path, machine_as_found):
     data_dir = private_data_dir(tmp_path / "awx-job")
     namespaces_before = set(netns_list())
@@ -101,6 +95,9 @@ def test_deploy_and_converge_through_ansible_runner(tmp_path, machine_as_found):
     finally:
         _result, events, status = run_job(data_dir, "teardown.yml", "teardown")
         teardown_stats = final_stats(events)
-        remove_etcd_instance()
+        _result, events, removed = run_job(data_dir, "remove_etcd.yml", "remove-etcd")
     assert status == "successful" and teardown_stats["failures"] == {}, teardown_stats
+    assert removed == "successful", final_stats(events)
     assert set(netns_list()) == namespaces_before
+    assert not [path for path in (Path("/etc/init.d") / ETCD_SERVICE, Path("/etc/etcd") / f"{ETCD_SERVICE}.conf.yml",
+                                  Path("/var/lib/etcd") / ETCD_SERVICE) if path.exists()]

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 from harness.ansible import ansible_env
-from harness.netns import netns_list
+from harness.host import cloud_traces
 
 pytestmark = pytest.mark.e2e
 
 SMALLCLOUD = Path(sys.executable).parent / "smallcloud"
-DEMO_LINK_PREFIXES = ("vx-", "br-", "ve-", "vg-", "scdemo")
 
 
 def demo(*args):
@@ -34,21 +33,11 @@ def demo(*args):
 
 def demo_traces():
     """What the demo could leave on this machine."""
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return {
-        "namespaces": sorted(n for n in netns_list() if n.startswith(("scnet-", "smallcloud-demo"))),
-        "links": sorted(line.split(": ")[1].split("@")[0] for line in links.splitlines()
-                        if line.split(": ")[1].startswith(DEMO_LINK_PREFIXES)),
-        "domains": sorted(d for d in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                                                    capture_output=True, text=True, check=False).stdout.split()
-                          if d.startswith("demo-")),
-        "processes": sorted(p for p in processes.splitlines()
-                            if ("http.server" in p and "8099" in p) or "smallcloud-demo-etcd" in p
-                            or ("dnsmasq" in p and "smallcloud" in p)),
-        "files": sorted(str(p) for p in (Path("/etc/init.d/smallcloud-demo-etcd"), Path("/var/lib/smallcloud/demo"),
-                                         Path("/var/lib/etcd/smallcloud-demo-etcd")) if p.exists()),
-    }
+    return cloud_traces(
+        "demo-",
+        processes=[("http.server", "8099"), ("smallcloud-demo-etcd",), ("dnsmasq", "smallcloud")],
+        files=["/etc/init.d/smallcloud-demo-etcd", "/var/lib/smallcloud/demo", "/var/lib/etcd/smallcloud-demo-etcd"],
+        link_prefixes=("scdemo",), namespace_prefixes=("smallcloud-demo",))
 
 
 def task_result(report, name):

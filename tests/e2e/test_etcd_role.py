@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness.ansible import MANAGED_PYTHON, ROOT, VENV_BIN, ansible_env
+from harness.ansible import MANAGED_PYTHON
+from harness.molecule import molecule_test
 from harness.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -353,22 +354,49 @@ def test_cluster_backup_delete_restore(ansible, lab):
         assert data.stat().st_mode & 0o777 == 0o700
 
 
+def boot_links(service):
+    return sorted(str(link) for link in Path("/etc").glob(f"rc?.d/[SK][0-9][0-9]{service}"))
+
+
+def test_remove_stops_the_member_and_keeps_its_data_unless_asked(ansible, lab):
+    inventory, hosts = lab.inventory({"gone": {}})
+    member = hosts["gone"]
+    service = member["etcd_service_name"]
+    assert_ok(converge(ansible, lab, inventory))
+    etcdctl(endpoint(member), "put", "/sct/state", "kept")
+    pid = lab.pid(service)
+    files = [Path(f"/etc/init.d/{service}"), lab.base / "etc" / f"{service}.conf.yml",
+             lab.base / "etc" / f"{service}.etcdctl.env", lab.base / "log" / f"{service}.log"]
+    assert pid and all(path.exists() for path in files) and boot_links(service)
+
+    check = ansible.run_playbook("smallcloud.kvm.etcd_remove", inventory=inventory, check=True)
+    assert_ok(check)
+    assert check.changed_count() > 0
+    assert lab.pid(service) == pid and all(path.exists() for path in files)
+    assert etcdctl(endpoint(member), "get", "--print-value-only", "/sct/state").stdout.strip() == "kept"
+
+    assert_ok(ansible.run_playbook("smallcloud.kvm.etcd_remove", inventory=inventory))
+    assert not [path for path in files if path.exists()]
+    assert boot_links(service) == []
+    assert lab.pid(service) is None and not Path(f"/proc/{pid}/exe").exists()
+    assert etcdctl(endpoint(member), "endpoint", "health", check=False).returncode != 0
+    assert Path(member["etcd_data_dir"]).is_dir(), "the data dir goes only with etcd_remove_data"
+
+    again = ansible.run_playbook("smallcloud.kvm.etcd_remove", inventory=inventory)
+    assert_ok(again)
+    assert again.changed_count() == 0
+
+    purge = ansible.run_playbook("smallcloud.kvm.etcd_remove", inventory=inventory,
+                                 extra_vars={"etcd_remove_data": True})
+    assert_ok(purge)
+    assert purge.changed_count() == 1
+    assert not Path(member["etcd_data_dir"]).exists()
+
+
 def test_molecule_scenario(tmp_path):
     """`molecule test -s etcd` from the repository root: converge, idempotence, verify, destroy."""
-    env = ansible_env()
-    for key in ("ANSIBLE_STDOUT_CALLBACK", "ANSIBLE_LOAD_CALLBACK_PLUGINS"):
-        env.pop(key)
-    # Molecule's state goes to tmp_path, not ~/.ansible/tmp.
-    env["MOLECULE_EPHEMERAL_DIRECTORY"] = str(tmp_path / "molecule")
-    proc = subprocess.run(
-        [str(VENV_BIN / "molecule"), "test", "-s", "etcd"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run = molecule_test("etcd", tmp_path / "molecule", timeout=900)
+    assert run.rc == 0, run.output[-8000:]
+    assert run.passed("idempotence") and run.passed("verify")
     assert not Path("/etc/init.d/smallcloud-molecule-etcd").exists()
     assert not Path("/var/tmp/smallcloud-molecule-etcd").exists()

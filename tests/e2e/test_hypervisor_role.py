@@ -2,41 +2,17 @@
 virt type probe and MTU check on their own. The machine is left as it was found (molecule's
 destroy.yml restores it; these tests check that it did)."""
 
-import fcntl
 import json
 import shutil
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from harness.ksm import KSM, LOCK
+from harness.host import machine_state
+from harness.molecule import molecule_test
+from harness.paths import ROOT
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def ksm_lock():
-    """Hold the KSM lock: the role tunes KSM, and so do the KSM tests and the bench."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def machine_state():
-    """What the role changes on a host: KSM settings, IP forwarding, libvirt's default network."""
-    ksm = {p.name: p.read_text().strip() for p in sorted(KSM.iterdir()) if p.stat().st_mode & 0o200}
-    net = subprocess.run(["virsh", "-c", "qemu:///system", "net-info", "default"], capture_output=True, check=False)
-    return {
-        "ksm": ksm,
-        "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
-        "default_network": net.returncode == 0,
-    }
 
 
 def default_route_mtu():
@@ -48,16 +24,11 @@ def default_route_mtu():
 
 
 @pytest.mark.timeout(1200)
-def test_molecule_scenario_converges_idempotently_and_restores_the_machine(libvirtd, ksm_lock):
+def test_molecule_scenario_converges_idempotently_and_restores_the_machine(libvirtd, ksm_lock, tmp_path):
     before = machine_state()
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / ".cache" / "collections"),
-               PATH=f"{VENV_BIN}:/usr/sbin:/sbin:{os.environ.get('PATH', '')}", ANSIBLE_NOCOLOR="1",
-               NO_COLOR="1", ANSIBLE_FORCE_COLOR="0")
-    run = subprocess.run([str(VENV_BIN / "molecule"), "test", "-s", "hypervisor"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1100, check=False)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-6000:]
-    assert "idempotence: Executed: Successful" in output and "verify: Executed: Successful" in output
+    run = molecule_test("hypervisor", tmp_path / "molecule")
+    assert run.rc == 0, run.output[-8000:]
+    assert run.passed("idempotence") and run.passed("verify")
     assert machine_state() == before
 
 

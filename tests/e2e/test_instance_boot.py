@@ -28,23 +28,6 @@ def run(*argv, check=True):
 
 
 @pytest.fixture
-def kvm_device(libvirtd):
-    """/dev/kvm usable by libvirt-qemu (see tests/integration/test_instance.py); restored afterwards."""
-    if not os.path.exists("/dev/kvm"):
-        yield
-        return
-    before = os.stat("/dev/kvm")
-    changed = before.st_mode & 0o060 != 0o060
-    if changed:
-        shutil.chown("/dev/kvm", group="kvm")
-        os.chmod("/dev/kvm", 0o660)
-    yield
-    if changed:
-        os.chown("/dev/kvm", before.st_uid, before.st_gid)
-        os.chmod("/dev/kvm", before.st_mode & 0o7777)
-
-
-@pytest.fixture
 def staged_network(etcd, kvm_device):
     """Record, bridge, gateway namespace and dnsmasq of network 'lan'; all removed afterwards."""
     from ansible_collections.smallcloud.kvm.plugins.module_utils import files

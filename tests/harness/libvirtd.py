@@ -1,6 +1,8 @@
 """A running libvirtd: reuse the one that answers, else start virtlogd + libvirtd ourselves."""
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -63,3 +65,27 @@ def _pid_alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def kvm_device_for_qemu(path="/dev/kvm"):
+    """/dev/kvm usable by libvirt-qemu (group kvm, 0660) as Debian's udev rule leaves it; put back afterwards.
+
+    libvirt re-probes QEMU on every call while its cached capabilities say KVM but the device is not
+    accessible to the QEMU user ("KVM was enabled when probing ... but it is not available now"),
+    which makes each define take tens of seconds.
+    """
+    if not os.path.exists(path):
+        yield
+        return
+    before = os.stat(path)
+    changed = before.st_mode & 0o060 != 0o060
+    if changed:
+        shutil.chown(path, group="kvm")
+        os.chmod(path, 0o660)
+    try:
+        yield
+    finally:
+        if changed:
+            os.chown(path, before.st_uid, before.st_gid)
+            os.chmod(path, before.st_mode & 0o7777)

@@ -8,9 +8,12 @@ in the test's private etcd prefix. The guests boot no OS: lifecycle only (the e2
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 
 import pytest
@@ -37,29 +40,6 @@ def store_for(etcd):
     from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
 
     return Store.from_params(etcd.module_args)
-
-
-@pytest.fixture(scope="module")
-def kvm_device(libvirtd):
-    """/dev/kvm usable by libvirt-qemu (group kvm, 0660) as Debian's udev rule leaves it.
-
-    libvirt re-probes QEMU on every call while its cached capabilities say KVM but the device is not
-    accessible to the QEMU user ("KVM was enabled when probing ... but it is not available now"),
-    which makes each define take tens of seconds. Restored afterwards if this fixture changed it.
-    """
-    path = "/dev/kvm"
-    if not os.path.exists(path):
-        yield
-        return
-    before = os.stat(path)
-    changed = before.st_mode & 0o060 != 0o060
-    if changed:
-        shutil.chown(path, group="kvm")
-        os.chmod(path, 0o660)
-    yield
-    if changed:
-        os.chown(path, before.st_uid, before.st_gid)
-        os.chmod(path, before.st_mode & 0o7777)
 
 
 @pytest.fixture
@@ -225,6 +205,62 @@ def test_batch_converges_many_and_reruns_unchanged(cloud, ansible):
                                                state="absent", instances=[{"name": n} for n in names]))
     assert gone["changed"] is True and not gone.get("failed"), gone
     assert all(cloud.leftovers(name) == [] for name in names)
+
+
+class QemuEvents:
+    """QMP events of every domain as `virsh qemu-monitor-event --loop` streams them, in order."""
+
+    def __init__(self):
+        self.lines = []
+        # stdbuf: virsh's stdout is a pipe here, and block-buffered events would arrive late or never.
+        self.proc = subprocess.Popen(["stdbuf", "-oL", "virsh", "-c", "qemu:///system", "qemu-monitor-event",
+                                      "--loop"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def seen(self, event, domain):
+        return any(self.parse(line) == (event, domain) for line in list(self.lines))
+
+    @staticmethod
+    def parse(line):
+        """``(EVENT, domain)`` of "event POWERDOWN at 1700000000.123 for domain 'x': <null>"."""
+        match = re.match(r"event (\S+) at \S+ for domain '([^']+)'", line)
+        return match.groups() if match else None
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)
+        return [parsed for parsed in map(self.parse, self.lines) if parsed]
+
+
+def test_a_batch_asks_every_guest_to_shut_down_before_it_waits_for_any(cloud, ansible):
+    """These guests run no OS and ignore ACPI, so each is forced off at its shutdown_timeout. QEMU's own
+    events show the order: every POWERDOWN (the ACPI request) comes before the first forced SHUTDOWN,
+    so the batch waits one timeout, not one per guest."""
+    names = [cloud.name("acpi%d" % i) for i in range(3)]
+    created = ansible.run_module("instance", cloud.args(instances=[{"name": n} for n in names]))
+    assert created["changed"] and not created.get("failed"), created.get("msg")
+    events = QemuEvents()
+    try:
+        # Pause and resume a guest until the stream shows it: then it listens before the batch starts.
+        deadline = time.monotonic() + 60
+        while not events.seen("RESUME", names[0]) and time.monotonic() < deadline:
+            virsh("suspend", names[0], check=True)
+            virsh("resume", names[0], check=True)
+            time.sleep(0.5)
+        assert events.seen("RESUME", names[0]), "virsh qemu-monitor-event streams nothing: %s" % events.lines
+        gone = ansible.run_module("instance", dict(cloud.etcd.module_args, instances_dir=cloud.instances_dir,
+                                                   state="absent", shutdown_timeout=3,
+                                                   instances=[{"name": n} for n in names]))
+    finally:
+        seen = events.stop()
+    assert gone["changed"] and not gone.get("failed"), gone.get("msg")
+    assert all(cloud.leftovers(name) == [] for name in names)
+    order = [(event, name) for event, name in seen if event in ("POWERDOWN", "SHUTDOWN") and name in names]
+    assert sorted(order[:3]) == [("POWERDOWN", name) for name in names], order
+    assert sorted(order[3:]) == [("SHUTDOWN", name) for name in names], order
 
 
 BAD_INPUTS = {

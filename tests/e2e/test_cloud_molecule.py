@@ -1,0 +1,34 @@
+"""`molecule test` (the default scenario): deploy + converge through the collection's playbooks, an
+idempotent second converge, verify (DHCP addresses against etcd, HTTP through the floating IP), and a
+destroy that leaves this machine exactly as it was."""
+
+import pytest
+from harness.host import cloud_traces, machine_state
+from harness.molecule import molecule_test
+
+pytestmark = pytest.mark.e2e
+
+SCRATCH = "/var/tmp/smallcloud-molecule-cloud"
+ETCD_SERVICE = "smallcloud-molecule-cloud-etcd"
+
+
+def scenario_traces():
+    """What the scenario could leave behind, and what it changes on the machine."""
+    return {
+        **cloud_traces("mol-", processes=[(ETCD_SERVICE,), ("http.server", "8098"), ("dnsmasq", "smallcloud")],
+                       files=[SCRATCH, f"/etc/init.d/{ETCD_SERVICE}", f"/run/{ETCD_SERVICE}.pid"],
+                       link_prefixes=("scmol",), namespace_prefixes=("smallcloud-molecule",)),
+        "machine": machine_state(),
+    }
+
+
+@pytest.mark.timeout(1500)
+def test_default_scenario_converges_idempotently_verifies_and_leaves_nothing(libvirtd, ksm_lock, tmp_path):
+    before = scenario_traces()
+    run = molecule_test("default", tmp_path / "molecule", timeout=1400)
+    assert run.rc == 0, run.output[-8000:]
+    for step in ("create", "converge", "idempotence", "verify", "destroy"):
+        assert run.passed(step), f"molecule did not report {step} successful:\n{run.output[-8000:]}"
+    # verify.yml ran its checks on both guests, not an empty list.
+    assert "ok: [cloud-molecule] => (item=mol-web2)" in run.output
+    assert scenario_traces() == before

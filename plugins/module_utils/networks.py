@@ -31,7 +31,6 @@ import re
 from ansible_collections.smallcloud.kvm.plugins.module_utils import files
 from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import Conflict, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.netdev import NetDev
 from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
 from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
 
@@ -236,6 +235,10 @@ class Handles(object):
     def get(self, netns):
         """The NetDev of ``netns`` (None: the module's own namespace)."""
         if netns not in self._open:
+            # Imported here: pyroute2 takes ~0.15 s to import, and the instance and cloud_info modules,
+            # which use this file's helpers but never touch links, should not pay for it.
+            from ansible_collections.smallcloud.kvm.plugins.module_utils.netdev import NetDev  # noqa: PLC0415
+
             self._open[netns] = NetDev(netns)
         return self._open[netns]
 

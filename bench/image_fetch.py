@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))
+
+from harness.module_stub import ModuleStub  # noqa: E402
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import images  # noqa: E402
 
@@ -114,19 +117,6 @@ def serve(directory):
     return server
 
 
-class FakeModule:
-    """What converge_image reads from an AnsibleModule: params and check_mode."""
-
-    def __init__(self, **params):
-        self.params = {
-            "url": None, "name": None, "checksum": None, "checksum_url": None, "catalog": None,
-            "catalog_file": None, "state": "present", "format": "qcow2", "retries": 0, "timeout": 60,
-            "force": False,
-        }
-        self.params.update(params)
-        self.check_mode = False
-
-
 def cpu_seconds():
     """CPU time (user + system) of this process and its waited-for children so far."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -136,7 +126,9 @@ def cpu_seconds():
 def run_module(url, checksum, cache_dir, force=False):
     """Wall and CPU seconds of one converge_image, and its result."""
     start, cpu = time.perf_counter(), cpu_seconds()
-    result = images.converge_image(FakeModule(url=url, checksum=checksum, cache_dir=str(cache_dir), force=force))
+    module = ModuleStub(images.IMAGE_ARGS, url=url, checksum=checksum, cache_dir=str(cache_dir), force=force,
+                        retries=0)
+    result = images.converge_image(module)
     return time.perf_counter() - start, cpu_seconds() - cpu, result
 
 

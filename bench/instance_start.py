@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
 from harness import ansible as ansible_harness  # noqa: E402
 from harness.etcd import EtcdCluster  # noqa: E402
+from harness.module_stub import ModuleStub  # noqa: E402
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import commands, etcd_gateway  # noqa: E402
 from ansible_collections.smallcloud.kvm.plugins.module_utils import domain as dom_xml  # noqa: E402
@@ -46,14 +47,6 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils import instances  #
 URI = "qemu:///system"
 PREFIX = "/smallcloud-bench/v1"
 CIDR = "10.215.0.0/16"
-
-
-class Module(object):
-    """What instances.converge reads from an AnsibleModule."""
-
-    def __init__(self, params, check_mode=False):
-        self.params = params
-        self.check_mode = check_mode
 
 
 def virsh(*args, check=True):
@@ -87,14 +80,13 @@ class Bench(object):
     def etcd_args(self):
         return {"etcd_endpoints": self.etcd.endpoints, "etcd_prefix": PREFIX}
 
-    def params(self, **extra):
-        """Full module params: the argument spec's defaults, the bench's paths, ``extra``."""
-        params = dict((key, spec.get("default")) for key, spec in instances.INSTANCE_ARGS.items())
-        params.update(self.etcd_args(), image=self.base, memory=64, networks=["lan"], shutdown_timeout=0,
+    def module(self, **extra):
+        """The instance module's stand-in: the argument spec's defaults, the bench's paths, ``extra``."""
+        params = dict(self.etcd_args(), image=self.base, memory=64, networks=["lan"], shutdown_timeout=0,
                       instances_dir=os.path.join(self.work, "instances"),
                       image_cache_dir=os.path.join(self.work, "cache"))
         params.update(extra)
-        return params
+        return ModuleStub(instances.INSTANCE_ARGS, **params)
 
     def module_args(self, **extra):
         """The same settings as task arguments."""
@@ -117,10 +109,10 @@ class Bench(object):
 def module_start(bench, name):
     """Seconds for the module's code path to bring ``name`` from nothing to running."""
     started = time.perf_counter()
-    result = instances.converge(Module(bench.params(name=name)))
+    result = instances.converge(bench.module(name=name))
     elapsed = time.perf_counter() - started
     assert result["state"] == "running" and result["changed"], result
-    instances.converge(Module(bench.params(name=name, state="absent")))
+    instances.converge(bench.module(name=name, state="absent"))
     return elapsed
 
 
@@ -212,11 +204,11 @@ def measure_rerun(bench, count, rounds):
     """N stopped instances re-run with nothing to change: one batch task vs community.libvirt.virt in a loop."""
     names = ["%s-r%02d" % (bench.tag, index) for index in range(count)]
     batch_args = bench.module_args(state="stopped", instances=[{"name": name} for name in names])
-    created = instances.converge(Module(bench.params(state="stopped", instances=[{"name": n} for n in names])))
+    created = instances.converge(bench.module(state="stopped", instances=[{"name": n} for n in names]))
     assert created["changed"], created
     with Counted() as counted:
         started = time.perf_counter()
-        again = instances.converge(Module(bench.params(state="stopped", instances=[{"name": n} for n in names])))
+        again = instances.converge(bench.module(state="stopped", instances=[{"name": n} for n in names]))
         in_process = time.perf_counter() - started
     assert not again["changed"], again["actions"]
     batch_task = {"name": "batch", "smallcloud.kvm.instance": batch_args}
@@ -229,7 +221,7 @@ def measure_rerun(bench, count, rounds):
             assert run.changed_count() == 0, "the %s re-run changed something" % kind
             times[kind].append(task_s)
             times[kind + "_wall"].append(wall_s)
-    instances.converge(Module(bench.params(state="absent", instances=[{"name": n} for n in names])))
+    instances.converge(bench.module(state="absent", instances=[{"name": n} for n in names]))
     best = dict((kind, min(values)) for kind, values in times.items())
     return {"instances": count, "rounds": rounds, "batch_s": round(best["batch"], 3), "loop_s": round(best["loop"], 3),
             "ratio": round(best["loop"] / best["batch"], 1), "batch_wall_s": round(best["batch_wall"], 3),

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
 from harness.etcd import EtcdCluster  # noqa: E402
+from harness.module_stub import ModuleStub  # noqa: E402
 from harness.netns import delete_netns  # noqa: E402
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import networks  # noqa: E402
@@ -38,14 +39,8 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_AR
 PEERS = ["10.98.0.2", "10.98.0.3"]
 
 
-class Module:
-    """What a runner reads from AnsibleModule: params with defaults, check_mode."""
-
-    def __init__(self, **params):
-        spec = dict(ETCD_ARGS, **networks.NETWORK_ARGS)
-        self.params = {name: option.get("default") for name, option in spec.items()}
-        self.params.update(params)
-        self.check_mode = False
+# Every option of the network module, defaults included, as AnsibleModule would fill them.
+NETWORK_SPEC = dict(ETCD_ARGS, **networks.NETWORK_ARGS)
 
 
 def ip(*args):
@@ -90,8 +85,8 @@ def converge_all(common, count, state="present"):
     changed = 0
     start = time.perf_counter()
     for index in range(count):
-        result = networks.converge(Module(**dict(common, name="b%d" % index, state=state,
-                                                 cidr="10.%d.%d.0/24" % (100 + index // 256, index % 256))))
+        result = networks.converge(ModuleStub(NETWORK_SPEC, **dict(
+            common, name="b%d" % index, state=state, cidr="10.%d.%d.0/24" % (100 + index // 256, index % 256))))
         changed += bool(result["changed"])
     return time.perf_counter() - start, changed
 

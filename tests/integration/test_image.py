@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from harness.httpserver import QuietHandler
+from harness.module_stub import ModuleStub
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import image_fetch, image_store, images
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
@@ -93,21 +94,9 @@ class ImageHandler(QuietHandler):
         return None
 
 
-class FakeModule:
-    """What converge_image reads from an AnsibleModule, for in-process edge-case tests."""
-
-    def __init__(self, check_mode=False, **params):
-        self.params = {
-            "url": None, "name": None, "checksum": None, "checksum_url": None, "catalog": None,
-            "catalog_file": None, "cache_dir": None, "state": "present", "format": "qcow2", "retries": 0,
-            "timeout": 10, "force": False,
-        }
-        self.params.update(params)
-        self.check_mode = check_mode
-        self.warnings = []
-
-    def warn(self, text):
-        self.warnings.append(text)
+def image_module(check_mode=False, **params):
+    """The image module's stand-in for in-process edge cases: no retries and a short timeout unless given."""
+    return ModuleStub(images.IMAGE_ARGS, check_mode=check_mode, **{"retries": 0, "timeout": 10, **params})
 
 
 def sha256(path):
@@ -155,7 +144,7 @@ def served(image_dir, http_server, tmp_path):
 
 def converge(server, check_mode=False, **params):
     params.setdefault("cache_dir", str(server.cache))
-    return images.converge_image(FakeModule(check_mode=check_mode, **params))
+    return images.converge_image(image_module(check_mode=check_mode, **params))
 
 
 def cache_is_empty(cache):
@@ -239,9 +228,9 @@ def test_server_refusing_head_is_revalidated_with_a_conditional_get(served):
 
 def test_unreachable_mirror_keeps_the_cached_copy_with_a_warning(served):
     args = dict(url=served.url("files/disk.qcow2"), checksum="skip", cache_dir=str(served.cache))
-    fetched = images.converge_image(FakeModule(**args))
+    fetched = images.converge_image(image_module(**args))
     served.stop()
-    module = FakeModule(**args)
+    module = image_module(**args)
     hit = images.converge_image(module)
     assert hit["changed"] is False and hit["path"] == fetched["path"]
     assert "using the cached copy" in module.warnings[0] and args["url"] in module.warnings[0]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness.module_stub import ModuleStub
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import image_cache, images
 from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
@@ -18,22 +19,10 @@ pytestmark = pytest.mark.integration
 DAY = 86400
 
 
-class FakeModule:
-    def __init__(self, check_mode=False, **params):
-        self.params = params
-        self.check_mode = check_mode
-        self.warnings = []
-
-    def warn(self, text):
-        self.warnings.append(text)
-
-
 def fetch(cache, source):
     """Cache ``source`` (a local file) the way the image module does; return its result."""
-    params = {"url": source.as_uri(), "name": None, "checksum": None, "checksum_url": None, "catalog": None,
-              "catalog_file": None, "cache_dir": str(cache), "state": "present", "format": "qcow2",
-              "retries": 0, "timeout": 10, "force": False}
-    return images.converge_image(FakeModule(**params))
+    return images.converge_image(ModuleStub(images.IMAGE_ARGS, url=source.as_uri(), cache_dir=str(cache),
+                                            retries=0, timeout=10))
 
 
 def age(result, days):
@@ -131,8 +120,8 @@ def test_missing_pieces_are_corrupt_without_verify(cache):
     entries = cache["entries"]
     Path(entries["fresh"]["path"]).unlink()  # metadata without image
     Path(entries["old"]["path"] + ".json").write_text("{not json")
-    module = FakeModule(cache_dir=str(cache["dir"]), verify=False, remove_corrupt=True, max_age=None,
-                        instance_dirs=[str(cache["instances"])], remove=[])
+    module = ModuleStub(image_cache.CACHE_ARGS, cache_dir=str(cache["dir"]), verify=False, remove_corrupt=True,
+                        max_age=None, instance_dirs=[str(cache["instances"])], remove=[])
     result = image_cache.converge_cache(module)
     problems = {entry["key"]: entry["problem"] for entry in result["entries"] if entry["status"] == "corrupt"}
     assert "is missing" in problems[entries["fresh"]["key"]]

@@ -4,12 +4,14 @@ The modules' main() only builds the AnsibleModule and calls these same converge 
 """
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from harness.module_stub import ModuleStub
 from harness.netns import netns_list
+from harness.paths import ROOT
 from test_network import POOL, in_ns, lab_context, links
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils import floating_ips, networks
@@ -19,21 +21,12 @@ pytestmark = pytest.mark.integration
 lab_fixture = pytest.fixture(lab_context, name="lab")
 
 
-class Module:
-    """The part of AnsibleModule a runner uses: params with the spec's defaults, and check_mode."""
-
-    def __init__(self, spec, check_mode=False, **params):
-        self.params = {name: option.get("default") for name, option in {**ETCD_ARGS, **spec}.items()}
-        self.params.update(params)
-        self.check_mode = check_mode
-
-
 def run_network(**params):
-    return networks.converge(Module(networks.NETWORK_ARGS, **params))
+    return networks.converge(ModuleStub({**ETCD_ARGS, **networks.NETWORK_ARGS}, **params))
 
 
 def run_floating(**params):
-    return floating_ips.converge(Module(floating_ips.FLOATING_ARGS, **params))
+    return floating_ips.converge(ModuleStub({**ETCD_ARGS, **floating_ips.FLOATING_ARGS}, **params))
 
 
 def snapshot(hv, state_dir, tag):
@@ -73,23 +66,17 @@ def test_cycles_of_network_and_floating_ip_leave_nothing(etcd, lab):
 
 
 WORKER = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
+import json, os, sys
+sys.path[:0] = sys.argv[1].split(os.pathsep)
+from harness.module_stub import ModuleStub
 from ansible_collections.smallcloud.kvm.plugins.module_utils import networks
 from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS
-
-class Module:
-    def __init__(self, **params):
-        spec = dict(ETCD_ARGS, **networks.NETWORK_ARGS)
-        self.params = {name: option.get("default") for name, option in spec.items()}
-        self.params.update(params)
-        self.check_mode = False
 
 common, worker, state = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 out = []
 for index in range(8):
     args = dict(common, name="p%d-%d" % (worker, index), cidr="10.%d.%d.0/24" % (100 + worker, index), state=state)
-    result = networks.converge(Module(**args))
+    result = networks.converge(ModuleStub(dict(ETCD_ARGS, **networks.NETWORK_ARGS), **args))
     out.append([result.get("vni"), result.get("vxlan"), result.get("bridge")])
 print(json.dumps(out))
 """
@@ -97,8 +84,9 @@ print(json.dumps(out))
 
 def run_workers(common, state):
     """Eight separate processes (eight 'controllers') converging eight networks each, all at once."""
-    collections = str(Path(__file__).resolve().parents[2] / ".cache" / "collections")
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, collections, json.dumps(common), str(worker), state],
+    # The worker imports the collection and the test harness.
+    search_path = os.pathsep.join([str(ROOT / ".cache" / "collections"), str(ROOT / "tests")])
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, search_path, json.dumps(common), str(worker), state],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for worker in range(8)]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _out, err in outputs]

@@ -849,8 +849,7 @@ class InstanceRunner(object):
         domain = self.domain
         if not domain.isActive():
             return
-        self.stopping = True
-        self.request_shutdown()
+        self.request_shutdown()  # a no-op when the batch already asked
         while time.time() < self.shutdown_deadline and domain.isActive():
             time.sleep(0.2)
         if domain.isActive():

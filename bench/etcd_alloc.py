@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
 from harness.etcd import EtcdCluster  # noqa: E402
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import parse_endpoint  # noqa: E402
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import parse_endpoint  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store  # noqa: E402
 
 PREFIX = "/smallcloud-bench/v1"
 KINDS = ("baseline", "ip", "vni")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
 from harness.module_stub import ModuleStub  # noqa: E402
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import images  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 4096

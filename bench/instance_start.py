@@ -40,9 +40,9 @@ from harness import ansible as ansible_harness  # noqa: E402
 from harness.etcd import EtcdCluster  # noqa: E402
 from harness.module_stub import ModuleStub  # noqa: E402
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import commands, etcd_gateway  # noqa: E402
-from ansible_collections.smallcloud.kvm.plugins.module_utils import domain as dom_xml  # noqa: E402
-from ansible_collections.smallcloud.kvm.plugins.module_utils import instances  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands, etcd_gateway  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances  # noqa: E402
 
 URI = "qemu:///system"
 PREFIX = "/smallcloud-bench/v1"

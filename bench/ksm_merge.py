@@ -4,7 +4,7 @@ Every configuration gets the same workload: WORKERS processes that each map MIB 
 memory marked MADV_MERGEABLE (as QEMU marks guest RAM), where page i holds the same bytes in every
 worker, like guests booted from one image. Before each configuration every merged page is split
 again (run=unmerge), the workers start fresh, the scanner is set with smallcloud.kvm's own KSM code
-(module_utils/ksm.py, what the ksm module runs) and left to work for WINDOW seconds. Reported per
+(module_utils/host/ksm.py, what the ksm module runs) and left to work for WINDOW seconds. Reported per
 configuration: memory merged (the workers' /proc/PID/ksm_merging_pages), memory saved, the ratio of
 merged memory against the kernel's defaults measured in the same run, and the CPU time ksmd used
 (/proc/<ksmd>/stat). Every KSM setting is put back at the end.
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import ksm  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm  # noqa: E402
 
 LOCK = Path("/run/lock/smallcloud-ksm-tests.lock")  # shared with the KSM tests: one tuner at a time
 BASELINE = "kernel_defaults"

@@ -33,8 +33,8 @@ from harness.etcd import EtcdCluster  # noqa: E402
 from harness.module_stub import ModuleStub  # noqa: E402
 from harness.netns import delete_netns  # noqa: E402
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import networks  # noqa: E402
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS  # noqa: E402
 
 PEERS = ["10.98.0.2", "10.98.0.3"]
 

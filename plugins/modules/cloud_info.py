@@ -96,8 +96,8 @@ events:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.cloud_view import CLOUD_INFO_ARGS, converge_info
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.views.cloud_view import CLOUD_INFO_ARGS, converge_info
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

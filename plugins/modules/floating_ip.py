@@ -127,13 +127,13 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.floating_ips import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.floating_ips import (
     FLOATING_ARGS,
     MUTUALLY_EXCLUSIVE,
     converge,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

@@ -195,12 +195,12 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.images import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image.images import (
     IMAGE_ARGS,
     IMAGE_ARGS_RULES,
     converge_image,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

@@ -169,8 +169,8 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.image_cache import CACHE_ARGS, converge_cache
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image.image_cache import CACHE_ARGS, converge_cache
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

@@ -268,12 +268,12 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.instances import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instances import (
     INSTANCE_ARGS,
     INSTANCE_ARGS_RULES,
     converge,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

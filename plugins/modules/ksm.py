@@ -151,8 +151,8 @@ diff:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.ksm import KSM_ARGS, converge_ksm
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm import KSM_ARGS, converge_ksm
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

@@ -99,8 +99,8 @@ ksm:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.ksm import SYSFS_ARGS, converge_ksm_info
-from ansible_collections.smallcloud.kvm.plugins.module_utils.runner import run_module
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm import SYSFS_ARGS, converge_ksm_info
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():

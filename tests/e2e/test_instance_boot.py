@@ -30,10 +30,10 @@ def run(*argv, check=True):
 @pytest.fixture
 def staged_network(etcd, kvm_device):
     """Record, bridge, gateway namespace and dnsmasq of network 'lan'; all removed afterwards."""
-    from ansible_collections.smallcloud.kvm.plugins.module_utils import files
-    from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
-    from ansible_collections.smallcloud.kvm.plugins.module_utils.networks import device_names
-    from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.core import files
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.network.networks import device_names
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
     import ipaddress
 
     work = tempfile.mkdtemp(prefix="sct-boot-", dir="/var/tmp")

@@ -62,7 +62,7 @@ class World:
 
     def records(self):
         """Every key under the test's etcd prefix with its value, as text (allocations included)."""
-        from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+        from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
         store = Store.from_params(self.etcd.module_args)
         folders = ("networks", "instances", "floating_ips", "floating", "vni", "mac", "ipam")

@@ -20,8 +20,8 @@ import pytest
 from harness.httpserver import QuietHandler
 from harness.module_stub import ModuleStub
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_fetch, image_store, images
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_fetch, image_store, images
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from harness.module_stub import ModuleStub
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_cache, images
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_cache, images
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 pytestmark = pytest.mark.integration
 

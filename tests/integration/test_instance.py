@@ -37,7 +37,7 @@ def domain_state(name):
 
 
 def store_for(etcd):
-    from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
     return Store.from_params(etcd.module_args)
 

@@ -190,7 +190,7 @@ def network_args(etcd, lab, hv, **extra):
 
 def store_for(etcd):
     """A Store on the test's private prefix (for instance records and allocations)."""
-    from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
     return Store.from_params(etcd.module_args)
 

@@ -14,8 +14,8 @@ from harness.netns import netns_list
 from harness.paths import ROOT
 from test_network import POOL, in_ns, lab_context, links
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import floating_ips, networks
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips, networks
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS
 
 pytestmark = pytest.mark.integration
 lab_fixture = pytest.fixture(lab_context, name="lab")
@@ -69,8 +69,8 @@ WORKER = """
 import json, os, sys
 sys.path[:0] = sys.argv[1].split(os.pathsep)
 from harness.module_stub import ModuleStub
-from ansible_collections.smallcloud.kvm.plugins.module_utils import networks
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS
 
 common, worker, state = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 out = []

@@ -11,15 +11,15 @@ import pytest
 from harness.paths import ROOT
 from harness.etcd import EtcdCluster, b64, etcd_request
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     Conflict,
     InvalidInput,
     LockTimeout,
     PoolExhausted,
     StoreUnreachable,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import EtcdGateway
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import EtcdGateway
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -234,8 +234,8 @@ def test_event_log_is_ordered_and_bounded(etcd):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {collections!r})
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import EtcdGateway
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import EtcdGateway
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 store = Store.from_params({{"etcd_endpoints": {endpoints!r}, "etcd_prefix": {prefix!r}}})
 lock = store.lock("network/web", ttl=2, timeout=10).acquire()
 print("held", flush=True)

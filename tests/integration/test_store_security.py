@@ -8,8 +8,8 @@ import pytest
 from harness.etcd import ETCD_BINARY, EtcdCluster, EtcdMember
 from harness.ports import wait_for
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import StoreAuthError
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import StoreAuthError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import catalog
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import catalog
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import domain
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain
 
 pytestmark = pytest.mark.unit
 

@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_fetch as fetch
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_store as store
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_stream as stream
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput, LockTimeout
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_fetch as fetch
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_store as store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_stream as stream
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput, LockTimeout
 
 pytestmark = pytest.mark.unit
 

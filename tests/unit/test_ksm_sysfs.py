@@ -3,8 +3,8 @@
 import os
 
 import pytest
-from ansible_collections.smallcloud.kvm.plugins.module_utils import ksm
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 pytestmark = pytest.mark.unit
 

@@ -4,9 +4,9 @@ import ipaddress
 
 import pytest
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
-from ansible_collections.smallcloud.kvm.plugins.module_utils import networks
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 pytestmark = pytest.mark.unit
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 from harness.paths import ROOT
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import etcd_gateway
-from ansible_collections.smallcloud.kvm.plugins.module_utils.allocators import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import etcd_gateway
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import (
     MAC_PREFIX,
     AddressPool,
     check_vni,
@@ -20,19 +20,19 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.allocators import (
     pool_key,
     random_mac,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     InvalidInput,
     MissingLibrary,
     StoreUnreachable,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import (
     EtcdGateway,
     _short_reason,
     parse_endpoint,
     parse_endpoints,
     range_end,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import (
     Store,
     normalize_path,
     normalize_prefix,
@@ -154,7 +154,7 @@ def test_missing_etcd3gw_is_a_typed_error(monkeypatch):
 def test_module_utils_import_without_etcd3gw():
     code = (
         "import sys; sys.modules['etcd3gw'] = None; sys.path.insert(0, %r)\n"
-        "from ansible_collections.smallcloud.kvm.plugins.module_utils import store, etcd_gateway\n"
+        "from ansible_collections.smallcloud.kvm.plugins.module_utils.state import store, etcd_gateway\n"
         "assert not etcd_gateway.HAS_ETCD3GW\n"
     ) % str(ROOT / ".cache" / "collections")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

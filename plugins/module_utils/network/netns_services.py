@@ -15,9 +15,9 @@ import os
 import signal
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
-from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.files import read_text
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
 
 NETNS_DIR = "/run/netns"  # where `ip netns` keeps named namespaces
 NFT_TABLE = "smallcloud"

@@ -9,7 +9,7 @@ __metaclass__ = type
 
 import os
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
 
 
 def read_text(path):

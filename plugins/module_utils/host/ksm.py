@@ -12,10 +12,10 @@ __metaclass__ = type
 
 import os
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.files import read_text, write_text
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.files import read_text, write_text
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
 KSM_SUBDIR = os.path.join("kernel", "mm", "ksm")
 DEFAULT_PERSIST_PATH = "/etc/tmpfiles.d/smallcloud-ksm.conf"

@@ -14,7 +14,7 @@ __metaclass__ = type
 import errno
 import os
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, MissingLibrary
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, MissingLibrary
 
 try:
     from pyroute2 import IPRoute

@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput, LockTimeout, StoreError
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import b64, unb64
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput, LockTimeout, StoreError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import b64, unb64
 
 _POLL_MIN = 0.05
 _POLL_MAX = 0.5

@@ -19,8 +19,8 @@ import re
 import shutil
 import tempfile
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput, MissingLibrary
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput, MissingLibrary
 
 try:
     from ansible.module_utils.common.yaml import HAS_YAML, yaml_load

@@ -24,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 ALGORITHMS = ("sha1", "sha224", "sha256", "sha384", "sha512")
 DIGEST_LENGTHS = {40: "sha1", 56: "sha224", 64: "sha256", 96: "sha384", 128: "sha512"}

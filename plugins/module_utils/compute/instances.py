@@ -31,20 +31,20 @@ import socket
 import time
 import uuid
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import disks as disk_ops
-from ansible_collections.smallcloud.kvm.plugins.module_utils import domain as dom_xml
-from ansible_collections.smallcloud.kvm.plugins.module_utils import images
-from ansible_collections.smallcloud.kvm.plugins.module_utils import networks as net_utils
-from ansible_collections.smallcloud.kvm.plugins.module_utils import seed as seed_ops
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import disks as disk_ops
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as net_utils
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import seed as seed_ops
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     Conflict,
     HostError,
     InvalidInput,
     MissingLibrary,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 try:
     import libvirt

@@ -29,7 +29,7 @@ except ImportError:
     Etcd3Client = None
     HAS_ETCD3GW = False
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     InvalidInput,
     MissingLibrary,
     StoreAuthError,

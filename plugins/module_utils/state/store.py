@@ -53,7 +53,7 @@ import datetime
 import json
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.allocators import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import (
     MAC_PREFIX,  # noqa: F401 - re-exported: callers document the MAC prefix from here
     SYSTEM_RANDOM,
     VNI_MAX,
@@ -66,14 +66,19 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.allocators import (
     pool_key,
     random_mac,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     Conflict,
     InvalidInput,
     PoolExhausted,
     StoreError,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.etcd_gateway import EtcdGateway, b64, range_end, unb64
-from ansible_collections.smallcloud.kvm.plugins.module_utils.locks import Lock
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.etcd_gateway import (
+    EtcdGateway,
+    b64,
+    range_end,
+    unb64,
+)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.locks import Lock
 
 DEFAULT_PREFIX = "/smallcloud/v1"
 DEFAULT_ENDPOINTS = ["http://127.0.0.1:2379"]

@@ -15,9 +15,9 @@ import os
 import re
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_store as store
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_store as store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
 DEFAULT_INSTANCE_DIRS = ["/var/lib/smallcloud/instances", "/var/lib/libvirt/images"]
 # Matches the DOCUMENTATION of plugins/modules/image_cache.py.

@@ -18,9 +18,9 @@ __metaclass__ = type
 
 import ipaddress
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import Conflict, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.networks import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.networks import (
     WAN,
     Handles,
     check_name,
@@ -29,8 +29,8 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.networks import (
     parse_address,
     parse_cidr,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 FLOATING_ARGS = dict(
     pool=dict(type="str"),

@@ -16,12 +16,12 @@ __metaclass__ = type
 import os
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import catalog as image_catalog
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_fetch as fetch
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_store as store
-from ansible_collections.smallcloud.kvm.plugins.module_utils import image_stream as stream
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import catalog as image_catalog
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_fetch as fetch
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_store as store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_stream as stream
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
 # Matches the DOCUMENTATION of plugins/modules/image.py.
 IMAGE_ARGS = dict(

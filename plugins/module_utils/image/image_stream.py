@@ -33,8 +33,8 @@ try:
 except ImportError:  # pragma: no cover
     HTTPException = OSError
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError
-from ansible_collections.smallcloud.kvm.plugins.module_utils.image_fetch import (
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image.image_fetch import (
     Checksum,
     DownloadError,
     NotAnImage,

@@ -28,11 +28,11 @@ import ipaddress
 import os
 import re
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import files
-from ansible_collections.smallcloud.kvm.plugins.module_utils import netns_services as svc
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import Conflict, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.plan import Plan
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import files
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 VNI_MIN, VNI_MAX = 1, 16777215
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
@@ -237,7 +237,7 @@ class Handles(object):
         if netns not in self._open:
             # Imported here: pyroute2 takes ~0.15 s to import, and the instance and cloud_info modules,
             # which use this file's helpers but never touch links, should not pay for it.
-            from ansible_collections.smallcloud.kvm.plugins.module_utils.netdev import NetDev  # noqa: PLC0415
+            from ansible_collections.smallcloud.kvm.plugins.module_utils.network.netdev import NetDev  # noqa: PLC0415
 
             self._open[netns] = NetDev(netns)
         return self._open[netns]

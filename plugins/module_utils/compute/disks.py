@@ -15,8 +15,8 @@ import os
 import re
 import struct
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 QCOW2_MAGIC = b"QFI\xfb"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)

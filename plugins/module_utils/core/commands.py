@@ -9,7 +9,7 @@ __metaclass__ = type
 
 import subprocess
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import CommandFailed, HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import CommandFailed, HostError
 
 
 def run(argv, check=True, input_text=None, timeout=300, env=None):

@@ -24,8 +24,8 @@ import re
 import tempfile
 import time
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import commands
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import HostError, InvalidInput, LockTimeout
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput, LockTimeout
 
 DEFAULT_CACHE_DIR = "/var/lib/smallcloud/images"
 FORMATS = ("qcow2", "raw")

@@ -15,11 +15,11 @@ __metaclass__ = type
 import os
 import socket
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils import domain as dom_xml
-from ansible_collections.smallcloud.kvm.plugins.module_utils import networks as net_utils
-from ansible_collections.smallcloud.kvm.plugins.module_utils.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.instances import open_libvirt
-from ansible_collections.smallcloud.kvm.plugins.module_utils.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as net_utils
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instances import open_libvirt
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 try:
     import libvirt

@@ -7,7 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import SmallcloudError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import SmallcloudError
 
 
 def run_module(module, converge):

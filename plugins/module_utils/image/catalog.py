@@ -14,7 +14,7 @@ __metaclass__ = type
 import json
 import re
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 try:
     from ansible.module_utils.common.yaml import HAS_YAML, yaml_load

@@ -15,7 +15,7 @@ import ipaddress
 import random
 import re
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 VNI_MIN = 1
 VNI_MAX = 16777215  # 24-bit VXLAN network identifier

@@ -24,19 +24,13 @@ extends_documentation_fragment:
   - smallcloud.kvm.attributes.info_module
   - smallcloud.kvm.etcd
   - smallcloud.kvm.libvirt
+  - smallcloud.kvm.host_paths.namespace
+  - smallcloud.kvm.host_paths.sysfs
 options:
   events:
     description: Also return the event logs (C(events/KIND/NAME/...)).
     type: bool
     default: false
-  namespace_prefix:
-    description: Prefix of the networks' gateway namespaces (the C(namespace_prefix) of M(smallcloud.kvm.network)).
-    type: str
-    default: scnet-
-  sysfs_root:
-    description: Where sysfs is mounted; bridges are looked up under C(class/net) there.
-    type: path
-    default: /sys
 notes:
   - Supports check mode; it never changes anything.
 requirements:
@@ -95,14 +89,12 @@ events:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.views.cloud_view import CLOUD_INFO_ARGS, converge_info
+from ansible_collections.smallcloud.kvm.plugins.module_utils.views.cloud_view import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=CLOUD_INFO_ARGS, supports_check_mode=True)
-    run_module(module, converge_info)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ author:
 extends_documentation_fragment:
   - smallcloud.kvm.attributes
   - smallcloud.kvm.etcd
+  - smallcloud.kvm.host_paths.host_netns
+  - smallcloud.kvm.host_paths.namespace
 options:
   pool:
     description:
@@ -60,13 +62,6 @@ options:
       - Other options but O(pool) are then ignored.
     type: bool
     default: false
-  host_netns:
-    description: Named network namespace that stands for this host; default the namespace the module runs in.
-    type: str
-  namespace_prefix:
-    description: Prefix of the gateway namespace names, as given to M(smallcloud.kvm.network).
-    type: str
-    default: scnet-
 requirements:
   - pyroute2 (Debian python3-pyroute2)
   - iproute2, nftables
@@ -126,21 +121,12 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network.floating_ips import (
-    FLOATING_ARGS,
-    MUTUALLY_EXCLUSIVE,
-    converge,
-)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.floating_ips import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    """Build the module and run the floating IP converge."""
-    module = AnsibleModule(argument_spec=with_common(FLOATING_ARGS, ETCD_ARGS), mutually_exclusive=MUTUALLY_EXCLUSIVE,
-                           supports_check_mode=True)
-    run_module(module, converge)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

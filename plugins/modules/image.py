@@ -31,6 +31,7 @@ author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
   - smallcloud.kvm.attributes
+  - smallcloud.kvm.host_paths.image_cache
 options:
   url:
     description:
@@ -66,11 +67,6 @@ options:
     description:
       - YAML or JSON file with a mapping of catalog names to entries, like O(catalog).
     type: path
-  cache_dir:
-    description:
-      - Directory of the image cache; created when missing.
-    type: path
-    default: /var/lib/smallcloud/images
   state:
     description:
       - V(present) caches the image; V(absent) removes it and its metadata from the cache.
@@ -194,18 +190,12 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.image.images import (
-    IMAGE_ARGS,
-    IMAGE_ARGS_RULES,
-    converge_image,
-)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image.images import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=IMAGE_ARGS, supports_check_mode=True, **IMAGE_ARGS_RULES)
-    run_module(module, converge_image)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

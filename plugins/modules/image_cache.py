@@ -24,12 +24,8 @@ author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
   - smallcloud.kvm.attributes
+  - smallcloud.kvm.host_paths.image_cache
 options:
-  cache_dir:
-    description:
-      - Directory of the image cache.
-    type: path
-    default: /var/lib/smallcloud/images
   verify:
     description:
       - Recompute the sha256 of every cached file and compare it with its metadata (reads every image).
@@ -168,14 +164,12 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.image.image_cache import CACHE_ARGS, converge_cache
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image.image_cache import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=CACHE_ARGS, supports_check_mode=True)
-    run_module(module, converge_cache)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ extends_documentation_fragment:
   - smallcloud.kvm.attributes
   - smallcloud.kvm.etcd
   - smallcloud.kvm.libvirt
+  - smallcloud.kvm.host_paths.image_cache
+  - smallcloud.kvm.host_paths.network_state
+  - smallcloud.kvm.host_paths.namespace
+  - smallcloud.kvm.host_paths.sysfs
 options:
   name:
     description:
@@ -54,17 +58,13 @@ options:
     description:
       - The image of the root disk, used when the root disk is created; later changes do not rebuild it.
       - A URL (C(https://), C(http://), C(file://)), an absolute path, or a catalog shorthand such as
-        C(debian:12), fetched into O(image_cache_dir) like M(smallcloud.kvm.image) does.
+        C(debian:12), fetched into O(cache_dir) like M(smallcloud.kvm.image) does.
       - Required unless O(state=absent).
     type: str
   image_checksum:
     description:
       - Checksum of a remote image, C(sha256:HEX) (or C(skip)); see the C(checksum) option of M(smallcloud.kvm.image).
     type: str
-  image_cache_dir:
-    description: Directory of the image cache.
-    type: path
-    default: /var/lib/smallcloud/images
   cpus:
     description: Number of vCPUs (1..255).
     type: int
@@ -131,18 +131,6 @@ options:
     description: Directory holding one subdirectory per instance with its disks, seed and console log.
     type: path
     default: /var/lib/smallcloud/instances
-  network_state_dir:
-    description: State directory of M(smallcloud.kvm.network) (its C(state_dir)), where its dnsmasq keeps the leases.
-    type: path
-    default: /run/smallcloud/networks
-  namespace_prefix:
-    description: Prefix of the networks' gateway namespaces (the C(namespace_prefix) of M(smallcloud.kvm.network)).
-    type: str
-    default: scnet-
-  sysfs_root:
-    description: Where sysfs is mounted; network bridges are looked up under C(class/net) there.
-    type: path
-    default: /sys
 notes:
   - Supports check mode and diff mode.
   - Needs the libvirt Python bindings, C(qemu-img) and C(genisoimage) on the host.
@@ -267,18 +255,12 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instances import (
-    INSTANCE_ARGS,
-    INSTANCE_ARGS_RULES,
-    converge,
-)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instances import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=INSTANCE_ARGS, supports_check_mode=True, **INSTANCE_ARGS_RULES)
-    run_module(module, converge)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
   - smallcloud.kvm.attributes
+  - smallcloud.kvm.host_paths.sysfs
 options:
   run:
     description:
@@ -83,10 +84,6 @@ options:
     description: The C(tmpfiles.d) file written when O(persist) is true.
     type: path
     default: /etc/tmpfiles.d/smallcloud-ksm.conf
-  sysfs_root:
-    description: Where sysfs is mounted; KSM lives in C(kernel/mm/ksm) below it.
-    type: path
-    default: /sys
 notes:
   - Needs root on the managed host, as every write to sysfs does.
 seealso:
@@ -150,14 +147,12 @@ diff:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm import KSM_ARGS, converge_ksm
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=KSM_ARGS, supports_check_mode=True)
-    run_module(module, converge_ksm)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ author:
   - smallcloud developers (@smallcloud)
 extends_documentation_fragment:
   - smallcloud.kvm.attributes.info_module
-options:
-  sysfs_root:
-    description: Where sysfs is mounted; KSM lives in C(kernel/mm/ksm) below it.
-    type: path
-    default: /sys
+  - smallcloud.kvm.host_paths.sysfs
 seealso:
   - module: smallcloud.kvm.ksm
 """
@@ -98,14 +94,12 @@ ksm:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm import SYSFS_ARGS, converge_ksm_info
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.ksm_info import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    module = AnsibleModule(argument_spec=SYSFS_ARGS, supports_check_mode=True)
-    run_module(module, converge_ksm_info)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

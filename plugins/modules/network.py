@@ -37,6 +37,9 @@ author:
 extends_documentation_fragment:
   - smallcloud.kvm.attributes
   - smallcloud.kvm.etcd
+  - smallcloud.kvm.host_paths.host_netns
+  - smallcloud.kvm.host_paths.namespace
+  - smallcloud.kvm.host_paths.network_state
 options:
   name:
     description: Name of the network (1-63 letters, digits, C(.), C(_) or C(-)).
@@ -99,18 +102,6 @@ options:
       - Underlay addresses of the other hosts carrying this network. Default the hosts recorded in etcd.
     type: list
     elements: str
-  host_netns:
-    description:
-      - Named network namespace that stands for this host; default the namespace the module runs in.
-    type: str
-  namespace_prefix:
-    description: Prefix of the gateway namespace's name, followed by the VNI in hex.
-    type: str
-    default: scnet-
-  state_dir:
-    description: Directory for the per-network dnsmasq configuration, hosts file, leases and pid file.
-    type: path
-    default: /run/smallcloud/networks
   departing_instances:
     description:
       - With O(state=absent) in check mode only, instances that an earlier task of the same run deletes.
@@ -196,16 +187,12 @@ actions:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network.networks import NETWORK_ARGS, converge
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.networks import MODULE_SPEC, run
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.runner import run_module
 
 
 def main():
-    """Build the module and run the network converge."""
-    module = AnsibleModule(argument_spec=with_common(NETWORK_ARGS, ETCD_ARGS), supports_check_mode=True)
-    run_module(module, converge)
+    run_module(AnsibleModule(**MODULE_SPEC), run)
 
 
 if __name__ == "__main__":

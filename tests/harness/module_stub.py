@@ -7,6 +7,7 @@ class ModuleStub:
     ``check_mode``, and ``warn()`` collected in ``warnings``."""
 
     def __init__(self, spec, check_mode=False, **params):
+        spec = spec.get("argument_spec", spec)  # a runner's MODULE_SPEC, or an argument spec
         self.params = {name: option.get("default") for name, option in spec.items()}
         self.params.update(params)
         self.check_mode = check_mode

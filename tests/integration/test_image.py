@@ -1,6 +1,6 @@
 """The image module against a real HTTP server on loopback with ETags and injected faults.
 
-Edge cases of the download code run in-process (converge_image with a small stand-in for
+Edge cases of the download code run in-process (images.run with a small stand-in for
 AnsibleModule: quick); the module's behaviour as a task (check mode, apply, re-apply, --diff,
 concurrent runs, bad input) runs through ansible-playbook.
 """
@@ -96,7 +96,7 @@ class ImageHandler(QuietHandler):
 
 def image_module(check_mode=False, **params):
     """The image module's stand-in for in-process edge cases: no retries and a short timeout unless given."""
-    return ModuleStub(images.IMAGE_ARGS, check_mode=check_mode, **{"retries": 0, "timeout": 10, **params})
+    return ModuleStub(images.MODULE_SPEC, check_mode=check_mode, **{"retries": 0, "timeout": 10, **params})
 
 
 def sha256(path):
@@ -144,7 +144,7 @@ def served(image_dir, http_server, tmp_path):
 
 def converge(server, check_mode=False, **params):
     params.setdefault("cache_dir", str(server.cache))
-    return images.converge_image(image_module(check_mode=check_mode, **params))
+    return images.run(image_module(check_mode=check_mode, **params))
 
 
 def cache_is_empty(cache):
@@ -228,10 +228,10 @@ def test_server_refusing_head_is_revalidated_with_a_conditional_get(served):
 
 def test_unreachable_mirror_keeps_the_cached_copy_with_a_warning(served):
     args = dict(url=served.url("files/disk.qcow2"), checksum="skip", cache_dir=str(served.cache))
-    fetched = images.converge_image(image_module(**args))
+    fetched = images.run(image_module(**args))
     served.stop()
     module = image_module(**args)
-    hit = images.converge_image(module)
+    hit = images.run(module)
     assert hit["changed"] is False and hit["path"] == fetched["path"]
     assert "using the cached copy" in module.warnings[0] and args["url"] in module.warnings[0]
 

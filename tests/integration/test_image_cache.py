@@ -21,7 +21,7 @@ DAY = 86400
 
 def fetch(cache, source):
     """Cache ``source`` (a local file) the way the image module does; return its result."""
-    return images.converge_image(ModuleStub(images.IMAGE_ARGS, url=source.as_uri(), cache_dir=str(cache),
+    return images.run(ModuleStub(images.MODULE_SPEC, url=source.as_uri(), cache_dir=str(cache),
                                             retries=0, timeout=10))
 
 
@@ -120,9 +120,9 @@ def test_missing_pieces_are_corrupt_without_verify(cache):
     entries = cache["entries"]
     Path(entries["fresh"]["path"]).unlink()  # metadata without image
     Path(entries["old"]["path"] + ".json").write_text("{not json")
-    module = ModuleStub(image_cache.CACHE_ARGS, cache_dir=str(cache["dir"]), verify=False, remove_corrupt=True,
+    module = ModuleStub(image_cache.MODULE_SPEC, cache_dir=str(cache["dir"]), verify=False, remove_corrupt=True,
                         max_age=None, instance_dirs=[str(cache["instances"])], remove=[])
-    result = image_cache.converge_cache(module)
+    result = image_cache.run(module)
     problems = {entry["key"]: entry["problem"] for entry in result["entries"] if entry["status"] == "corrupt"}
     assert "is missing" in problems[entries["fresh"]["key"]]
     assert "missing or unreadable" in problems[entries["old"]["key"]]

@@ -15,18 +15,18 @@ from harness.paths import ROOT
 from test_network import POOL, in_ns, lab_context, links
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips, networks
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 
 pytestmark = pytest.mark.integration
 lab_fixture = pytest.fixture(lab_context, name="lab")
 
 
 def run_network(**params):
-    return networks.converge(ModuleStub({**ETCD_ARGS, **networks.NETWORK_ARGS}, **params))
+    return networks.run(ModuleStub(networks.MODULE_SPEC, **params))
 
 
 def run_floating(**params):
-    return floating_ips.converge(ModuleStub({**ETCD_ARGS, **floating_ips.FLOATING_ARGS}, **params))
+    return floating_ips.run(ModuleStub(floating_ips.MODULE_SPEC, **params))
 
 
 def snapshot(hv, state_dir, tag):
@@ -70,13 +70,13 @@ import json, os, sys
 sys.path[:0] = sys.argv[1].split(os.pathsep)
 from harness.module_stub import ModuleStub
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 
 common, worker, state = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 out = []
 for index in range(8):
     args = dict(common, name="p%d-%d" % (worker, index), cidr="10.%d.%d.0/24" % (100 + worker, index), state=state)
-    result = networks.converge(ModuleStub(dict(ETCD_ARGS, **networks.NETWORK_ARGS), **args))
+    result = networks.run(ModuleStub(networks.MODULE_SPEC, **args))
     out.append([result.get("vni"), result.get("vxlan"), result.get("bridge")])
 print(json.dumps(out))
 """
@@ -102,7 +102,7 @@ def test_eight_parallel_runs_get_distinct_vnis_and_names(etcd, lab):
     assert len({vni for vni, _vx, _br in results}) == 64
     names = [name for _vni, vx, br in results for name in (vx, br)]
     assert len(set(names)) == 128 and set(names) <= set(links(hv))
-    assert len(networks.top_records(networks.Store.from_params(common).list("networks"))) == 64
+    assert len(records.networks(networks.Store.from_params(common))) == 64
     run_workers(common, "absent")
     assert not [name for name in links(hv) if name.startswith(("vx-", "br-"))]
     assert etcd.key_count() == 0

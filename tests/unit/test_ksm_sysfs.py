@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm, ksm_sysfs
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 pytestmark = pytest.mark.unit
@@ -53,35 +53,35 @@ def old_sysfs_root(tmp_path):
 
 
 def converge(root, check=False, **options):
-    params = {"sysfs_root": str(root), "persist": False, "check_mode": check}
+    params = {"sysfs_root": str(root), "persist": False}
     params.update(options)
-    return ksm.converge(params)
+    return ksm.converge(params, check_mode=check)
 
 
 @pytest.mark.parametrize("text, parsed", [
     ("100\n", 100), ("[none] scan-time\n", "none"), ("none [scan-time]", "scan-time"), ("weird", "weird"),
 ])
 def test_parse_sysfs_values(text, parsed):
-    assert ksm._parse(text) == parsed
+    assert ksm_sysfs._parse(text) == parsed
 
 
 def test_info_reports_counters_and_derived_figures(tmp_path):
     files = dict(KERNEL_6_18, run="1", pages_shared="100", pages_sharing="450", full_scans="7",
                  ksm_zero_pages="3")
-    facts = ksm.info(str(make_tree(tmp_path, files)))
+    facts = ksm_sysfs.info(str(make_tree(tmp_path, files)))
     size = os.sysconf("SC_PAGE_SIZE")
     assert facts["running"] is True and facts["run"] == "running"
     assert facts["memory_saved_bytes"] == 450 * size
     assert facts["zero_pages_bytes"] == 3 * size
     assert facts["sharing_ratio"] == 4.5
     assert facts["full_scans"] == 7
-    assert set(facts["counters"]) == set(ksm.COUNTERS)  # every counter the kernel has
+    assert set(facts["counters"]) == set(ksm_sysfs.COUNTERS)  # every counter the kernel has
     assert facts["settings"]["advisor_mode"] == "none"
     assert "pages_sharing" not in facts["settings"]
 
 
 def test_info_on_an_old_kernel_reports_what_exists(old_sysfs_root):
-    facts = ksm.info(str(old_sysfs_root))
+    facts = ksm_sysfs.info(str(old_sysfs_root))
     assert "ksm_zero_pages" not in facts["counters"] and facts["zero_pages_bytes"] == 0
     assert facts["sharing_ratio"] == 0.0 and facts["running"] is False
 
@@ -89,7 +89,7 @@ def test_info_on_an_old_kernel_reports_what_exists(old_sysfs_root):
 def test_no_ksm_directory_fails_naming_config_ksm(tmp_path):
     (tmp_path / "kernel" / "mm").mkdir(parents=True)
     with pytest.raises(HostError, match="this kernel has no KSM: CONFIG_KSM"):
-        ksm.info(str(tmp_path))
+        ksm_sysfs.info(str(tmp_path))
     with pytest.raises(HostError, match="this kernel has no KSM: CONFIG_KSM") as caught:
         converge(tmp_path, run="running")
     assert caught.value.details["path"] == str(tmp_path / "kernel" / "mm" / "ksm")
@@ -122,10 +122,10 @@ def test_unset_options_are_left_alone(sysfs_root):
     assert result["changed"] is False and result["diff"] == {"before": {}, "after": {}}
 
 
-@pytest.mark.parametrize("preset", sorted(ksm.PRESETS))
+@pytest.mark.parametrize("preset", sorted(ksm_sysfs.PRESETS))
 def test_presets_set_the_scanner_pace(sysfs_root, preset):
     converge(sysfs_root, preset=preset)
-    pace = ksm.PRESETS[preset]
+    pace = ksm_sysfs.PRESETS[preset]
     assert int(value(sysfs_root, "pages_to_scan")) == pace["pages_to_scan"]
     assert int(value(sysfs_root, "sleep_millisecs")) == pace["sleep_millisecs"]
 
@@ -133,7 +133,7 @@ def test_presets_set_the_scanner_pace(sysfs_root, preset):
 def test_explicit_options_win_over_the_preset(sysfs_root):
     converge(sysfs_root, preset="aggressive", sleep_millisecs=50)
     assert value(sysfs_root, "sleep_millisecs") == "50"
-    assert value(sysfs_root, "pages_to_scan") == str(ksm.PRESETS["aggressive"]["pages_to_scan"])
+    assert value(sysfs_root, "pages_to_scan") == str(ksm_sysfs.PRESETS["aggressive"]["pages_to_scan"])
 
 
 def test_merge_across_nodes_unmerges_first_then_restores_run(tmp_path):
@@ -157,7 +157,7 @@ def test_max_page_sharing_change_ends_in_the_requested_run_state(sysfs_root):
 
 def test_a_refused_write_after_unmerging_puts_run_back(tmp_path, monkeypatch):
     root = make_tree(tmp_path, dict(KERNEL_6_18, run="1"))
-    real_write = ksm.write_setting
+    real_write = ksm_sysfs.write_setting
 
     def kernel_refuses_max_page_sharing(directory, name, value):
         """A tmp tree cannot answer EBUSY like the kernel does; this one does for max_page_sharing."""
@@ -165,7 +165,7 @@ def test_a_refused_write_after_unmerging_puts_run_back(tmp_path, monkeypatch):
             raise HostError("writing %s to %s/%s failed: [Errno 16] Device or resource busy" % (value, directory, name))
         real_write(directory, name, value)
 
-    monkeypatch.setattr(ksm, "write_setting", kernel_refuses_max_page_sharing)
+    monkeypatch.setattr(ksm_sysfs, "write_setting", kernel_refuses_max_page_sharing)
     with pytest.raises(HostError, match="max_page_sharing failed"):
         converge(root, max_page_sharing=512)
     assert value(root, "run") == "1"  # not left at unmerge

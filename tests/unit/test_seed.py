@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import disks, instances, seed
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import disks, seed
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instance_spec as instances
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import cached as images
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 
 pytestmark = pytest.mark.unit
@@ -147,9 +149,9 @@ def test_virt_type(asked, detected, result):
 
 
 def test_image_urls():
-    assert instances.image_url("/srv/x.qcow2") == ("file:///srv/x.qcow2", None)
-    assert instances.image_url("https://h/x.img") == ("https://h/x.img", None)
-    assert instances.image_url("debian:12") == (None, "debian:12")
+    assert images.image_url("/srv/x.qcow2") == ("file:///srv/x.qcow2", None)
+    assert images.image_url("https://h/x.img") == ("https://h/x.img", None)
+    assert images.image_url("debian:12") == (None, "debian:12")
 
 
 def test_meta_data_strings_are_json_quoted():

@@ -1,7 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Argument specs shared by several modules; each matches a doc fragment of the same name."""
+"""Argument specs shared by several modules; each matches a doc fragment of the same name.
+
+One option name for one thing in every module: the image cache is ``cache_dir`` and the networks'
+state directory ``state_dir`` everywhere (the older names stay as aliases).
+"""
 
 from __future__ import absolute_import, division, print_function
 
@@ -22,6 +26,17 @@ ETCD_ARGS = dict(
 # Matches plugins/doc_fragments/libvirt.py.
 LIBVIRT_ARGS = dict(
     uri=dict(type="str", default="qemu:///system"),
+)
+
+# Each matches the fragment of the same name in plugins/doc_fragments/host_paths.py.
+SYSFS_ARGS = dict(sysfs_root=dict(type="path", default="/sys"))
+NAMESPACE_ARGS = dict(namespace_prefix=dict(type="str", default="scnet-"))
+HOST_NETNS_ARGS = dict(host_netns=dict(type="str"))
+NETWORK_STATE_ARGS = dict(
+    state_dir=dict(type="path", default="/run/smallcloud/networks", aliases=["network_state_dir"]),
+)
+IMAGE_CACHE_ARGS = dict(
+    cache_dir=dict(type="path", default="/var/lib/smallcloud/images", aliases=["image_cache_dir"]),
 )
 
 

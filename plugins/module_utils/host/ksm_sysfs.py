@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Kernel samepage merging (KSM): read the sysfs tree, plan setting changes, persist them.
+"""Kernel samepage merging (KSM) in sysfs: read the tree, plan setting changes, persist them.
 
 Everything goes through ``sysfs_root`` (``/sys`` on a host, a temporary tree in unit tests).
 """
@@ -12,8 +12,6 @@ __metaclass__ = type
 
 import os
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.files import read_text, write_text
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
@@ -205,7 +203,7 @@ def persist_content(directory, desired):
     return "\n".join(lines) + "\n"
 
 
-def _check_present(directory, raw, desired):
+def check_present(directory, raw, desired):
     """Fail, naming the file, when a wanted setting does not exist in this kernel."""
     for name in desired:
         if name not in raw:
@@ -221,8 +219,10 @@ def plan_settings(directory, current, desired):
     # After the unmerge dance run is "unmerge"; put back what was asked for, or what was there.
     final_run = desired.get("run", current["run"])
     if any(name in NEED_EMPTY for name in changes):
+        # A write the kernel refuses after this step must not leave KSM stopped: undone to what run was.
         plan.add("unmerge every merged page (run=unmerge) so the kernel accepts %s"
-                 % " and ".join(n for n in changes if n in NEED_EMPTY), write_setting, directory, "run", "unmerge")
+                 % " and ".join(n for n in changes if n in NEED_EMPTY), write_setting, directory, "run", "unmerge",
+                 ).undone_by(write_setting, directory, "run", current["run"])
     for name in changes:
         if name != "run":
             plan.add("set %s to %s" % (name, sysfs_value(name, desired[name])),
@@ -230,61 +230,3 @@ def plan_settings(directory, current, desired):
     if "run" in changes or any(name in NEED_EMPTY for name in changes):
         plan.add("set run to %s" % final_run, write_setting, directory, "run", final_run)
     return plan
-
-
-def converge(params):
-    """Observe, plan, apply (unless check mode); return the ksm module's result."""
-    sysfs_root = params.get("sysfs_root") or "/sys"
-    desired = desired_settings(params)
-    directory = ksm_dir(sysfs_root)
-    raw = read_all(sysfs_root)
-    _check_present(directory, raw, desired)
-    plan = plan_settings(directory, settings_view(raw), desired)
-    if params.get("persist"):
-        path = params.get("persist_path") or DEFAULT_PERSIST_PATH
-        content = persist_content(directory, desired)
-        if plan.compare("persist_file", read_text(path), content):
-            plan.add("write %s" % path, write_text, path, content)
-    try:
-        plan.apply(params.get("check_mode", False))
-    except HostError:
-        # A write the kernel refused after the unmerge step must not leave KSM stopped.
-        if plan.actions and plan.actions[0].startswith("unmerge"):
-            write_setting(directory, "run", settings_view(raw)["run"])
-        raise
-    after = info(sysfs_root)
-    return plan.result(settings=settings_view(read_all(sysfs_root)), stats=after["counters"], ksm=after)
-
-
-# Argument specs of the modules; plugins/modules/ksm.py and ksm_info.py document exactly these.
-SYSFS_ARGS = dict(sysfs_root=dict(type="path", default="/sys"))
-
-KSM_ARGS = with_common(dict(
-    run=dict(type="str", choices=list(RUN_STATES)),
-    preset=dict(type="str", choices=sorted(PRESETS)),
-    pages_to_scan=dict(type="int"),
-    sleep_millisecs=dict(type="int"),
-    max_page_sharing=dict(type="int"),
-    merge_across_nodes=dict(type="bool"),
-    use_zero_pages=dict(type="bool"),
-    smart_scan=dict(type="bool"),
-    persist=dict(type="bool", default=False),
-    persist_path=dict(type="path", default=DEFAULT_PERSIST_PATH),
-), SYSFS_ARGS)
-
-
-def converge_ksm(module):
-    """Runner of the ksm module."""
-    params = dict(module.params, check_mode=module.check_mode)
-    return converge(params)
-
-
-def converge_ksm_info(module):
-    """Runner of the ksm_info module: never changes anything."""
-    try:
-        facts = info(module.params["sysfs_root"])
-    except HostError as error:
-        if not os.path.isdir(os.path.join(module.params["sysfs_root"], KSM_SUBDIR)):
-            return {"changed": False, "ksm": {"available": False, "reason": error.msg}}
-        raise
-    return {"changed": False, "ksm": facts}

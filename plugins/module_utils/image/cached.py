@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The ``image`` module's logic: resolve the request, observe the cache entry, plan, fetch.
+"""Images in the cache: resolve a request, observe its cache entry, plan and run a fetch.
 
 Fetching is one streaming pass (image_fetch.py) into a partial file in the cache dir, checked
 against the expected digest (retried up to ``retries`` times), converted with qemu-img when the
@@ -13,6 +13,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import os
 import time
 
@@ -23,24 +24,19 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
-# Matches the DOCUMENTATION of plugins/modules/image.py.
-IMAGE_ARGS = dict(
+# The image module's own options (plugins/modules/image.py documents them), with its defaults.
+IMAGE_OPTIONS = dict(
     url=dict(type="str"),
     name=dict(type="str"),
     checksum=dict(type="str"),
     checksum_url=dict(type="str"),
     catalog=dict(type="dict"),
     catalog_file=dict(type="path"),
-    cache_dir=dict(type="path", default=store.DEFAULT_CACHE_DIR),
     state=dict(type="str", default="present", choices=["present", "absent"]),
     format=dict(type="str", default="qcow2", choices=list(store.FORMATS)),
     retries=dict(type="int", default=3),
     timeout=dict(type="int", default=60),
     force=dict(type="bool", default=False),
-)
-IMAGE_ARGS_RULES = dict(
-    mutually_exclusive=[["url", "name"], ["checksum", "checksum_url"]],
-    required_one_of=[["url", "name"]],
 )
 SKIP = "skip"
 # Seconds to wait before retry n (capped): quick for a flaky byte, patient enough for a restart.
@@ -114,56 +110,75 @@ def published_checksum(checksum_url, url, timeout):
 # Converge -------------------------------------------------------------------------------------
 
 
-def converge_image(module):
-    """Entry point of the image module: observe, plan, apply (under the entry lock) -> result."""
-    params = module.params
-    request = ImageRequest(params)
-    cache_dir = params["cache_dir"]
-    entry = store.Entry(cache_dir, store.entry_key(request.url), request.format)
-    present = params["state"] == "present"
-    if module.check_mode:
-        if present:
-            store.check_writable(cache_dir)
-        return (_present if present else _absent)(module, request, entry)
-    if not present and not os.path.isdir(cache_dir):
-        return _absent(module, request, entry)
-    created = store.ensure_cache_dir(cache_dir)
+@contextlib.contextmanager
+def entry_held(entry):
+    """The entry's lock; its cache dir is made when missing, and removed again when a failed first fetch left
+    it empty. Partial files of a killed run, whose writer held this lock and is gone, are removed."""
+    created = store.ensure_cache_dir(entry.cache_dir)
     try:
         with store.EntryLock(entry.lock_path):
-            entry.remove_stale_partials()  # whoever wrote them held this lock and is gone
-            return (_present if present else _absent)(module, request, entry)
+            entry.remove_stale_partials()
+            yield
     finally:
-        if created and not os.listdir(cache_dir):
-            os.rmdir(cache_dir)  # a failed first fetch leaves nothing behind, not even the dir
+        if created and not os.listdir(entry.cache_dir):
+            os.rmdir(entry.cache_dir)
 
 
-class _Caller(object):
-    """What converge_image reads from a module, for module_utils that cache an image on their own behalf."""
-
-    def __init__(self, params, check_mode):
-        self.params = params
-        self.check_mode = check_mode
-        self.warnings = []
-
-    def warn(self, message):
-        self.warnings.append(message)
+def image_url(image):
+    """``(url, None)`` for a URL or absolute path, ``(None, name)`` for a catalog shorthand."""
+    if "://" in image:
+        return image, None
+    if image.startswith("/"):
+        return "file://" + image, None
+    return None, image
 
 
-def ensure_cached(check_mode=False, **options):
-    """Have the image in the cache, fetched if missing: the image module's result plus ``warnings``.
+def request_for(image, checksum=None, cache_dir=store.DEFAULT_CACHE_DIR):
+    """``(ImageRequest, Entry)`` for an image given as a URL, an absolute path or a catalog name, with the
+    image module's defaults: for a runner (instance) that caches an image on its own behalf."""
+    params = {name: spec.get("default") for name, spec in IMAGE_OPTIONS.items()}
+    params["url"], params["name"] = image_url(image)
+    params.update(checksum=checksum, cache_dir=cache_dir)
+    request = ImageRequest(params)
+    return request, store.Entry(cache_dir, store.entry_key(request.url), request.format)
 
-    ``options`` are the image module's options; the rest take that module's defaults.
+
+def plan_cached(request, entry):
+    """For another runner: ``(plan, facts)``, the plan fetching the image when it is not cached (or stale).
+
+    The fetch step takes the entry's lock itself and fetches only what is still missing then, so runs that
+    planned the same fetch at once download it once. ``facts()`` are the image module's result facts.
     """
-    params = dict((name, spec.get("default")) for name, spec in IMAGE_ARGS.items())
-    params.update(options)
-    params["state"] = "present"
-    caller = _Caller(params, check_mode)
-    result = converge_image(caller)
-    result["warnings"] = caller.warnings
-    return result
+    store.check_writable(entry.cache_dir)
+    meta = entry.current()
+    reason = fetch_reason(request, meta)
+    plan = Plan()
+    fetched = {}
+    if reason:
+        fetch.check_local_source(request.url)  # a batch refuses a missing local image before changing anything
+        plan.add("fetch %s into %s (%s)" % (request.url, entry.path, reason), fetch_locked, request, entry, fetched)
+    else:
+        plan.after_apply(touch, entry, meta)
+    return plan, lambda: facts_of(entry, request, fetched.get("meta", meta), fetched.get("downloaded", 0), reason)
 
 
-def _describe(entry, meta):
+def fetch_locked(request, entry, out):
+    """Fetch under the entry's lock unless a concurrent run fetched it meanwhile."""
+    with entry_held(entry):
+        meta = entry.current()
+        if meta is not None and fetch_reason(request, meta) is None:
+            out["meta"] = meta
+            return
+        fetch_into(request, entry, out)
+
+
+def touch(entry, meta):
+    """Record that the entry was used now (image_cache prunes by the last use)."""
+    meta["last_used"] = int(time.time())
+    entry.write_metadata(meta)
+
+
+def describe(entry, meta):
     """The entry as the diff shows it."""
     if meta is None:
         return {"state": "absent", "path": entry.path}
@@ -177,31 +192,10 @@ def _describe(entry, meta):
     }
 
 
-def _present(module, request, entry):
-    meta = entry.current()
-    reason = fetch_reason(request, meta)
-    plan = Plan()
-    before = _describe(entry, meta)
-    plan.compare("image", before, _wanted(entry, request, meta, reason))
-    fetched = {}
-    if reason:
-        plan.add("fetch %s into %s (%s)" % (request.url, entry.path, reason), _fetch_into, request, entry, fetched)
-    for warning in request.warnings:
-        module.warn(warning)
-    plan.apply(module.check_mode)
-    if fetched:
-        meta = fetched["meta"]
-        plan.after["image"] = _describe(entry, meta)
-    elif meta is not None and not module.check_mode:
-        meta["last_used"] = int(time.time())
-        entry.write_metadata(meta)
-    return plan.result(**_facts(entry, request, meta, fetched.get("downloaded", 0), reason))
-
-
-def _wanted(entry, request, meta, reason):
+def wanted(entry, request, meta, reason):
     """What the entry will look like; unknown fields of a fetch yet to happen say so."""
     if not reason:
-        return _describe(entry, meta)
+        return describe(entry, meta)
     return {
         "state": "present",
         "path": entry.path,
@@ -212,7 +206,7 @@ def _wanted(entry, request, meta, reason):
     }
 
 
-def _facts(entry, request, meta, downloaded, reason):
+def facts_of(entry, request, meta, downloaded, reason):
     meta = meta or {}
     return dict(
         path=entry.path,
@@ -265,7 +259,7 @@ def upstream_change(request, meta):
     return None
 
 
-def _fetch_into(request, entry, out):
+def fetch_into(request, entry, out):
     """Download with retries and install; fill ``out`` with the metadata and bytes downloaded."""
     attempts = request.retries + 1
     downloaded = 0
@@ -385,15 +379,3 @@ def _check_image(url, path, result):
             "%s refers to another file (%s); only standalone images can be cached" % (url, backing), url=url
         )
     return info
-
-
-def _absent(module, request, entry):
-    plan = Plan()
-    meta = entry.read_metadata()
-    present = entry.exists()
-    before = _describe(entry, meta) if meta else {"state": "present" if present else "absent", "path": entry.path}
-    plan.compare("image", before, {"state": "absent", "path": entry.path})
-    if present:
-        plan.add("remove %s (%s)" % (entry.path, request.url), entry.remove)
-    plan.apply(module.check_mode)
-    return plan.result(path=entry.path, url=request.url, key=entry.key, format=request.format, downloaded=0)

@@ -16,18 +16,24 @@ import re
 import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.image import image_store as store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import IMAGE_CACHE_ARGS, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 
 DEFAULT_INSTANCE_DIRS = ["/var/lib/smallcloud/instances", "/var/lib/libvirt/images"]
 # Matches the DOCUMENTATION of plugins/modules/image_cache.py.
-CACHE_ARGS = dict(
-    cache_dir=dict(type="path", default=store.DEFAULT_CACHE_DIR),
-    verify=dict(type="bool", default=False),
-    remove_corrupt=dict(type="bool", default=False),
-    max_age=dict(type="str"),
-    instance_dirs=dict(type="list", elements="path", default=DEFAULT_INSTANCE_DIRS),
-    remove=dict(type="list", elements="str", default=[]),
+MODULE_SPEC = dict(
+    argument_spec=with_common(
+        dict(
+            verify=dict(type="bool", default=False),
+            remove_corrupt=dict(type="bool", default=False),
+            max_age=dict(type="str"),
+            instance_dirs=dict(type="list", elements="path", default=DEFAULT_INSTANCE_DIRS),
+            remove=dict(type="list", elements="str", default=[]),
+        ),
+        IMAGE_CACHE_ARGS,
+    ),
+    supports_check_mode=True,
 )
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 QCOW2_MAGIC = b"QFI\xfb"
@@ -185,7 +191,7 @@ def _remove_locked(entry):
         entry.remove()
 
 
-def converge_cache(module):
+def run(module):
     """Entry point of the image_cache module: inspect, decide, remove (unless check mode)."""
     params = module.params
     max_age = parse_age(params.get("max_age"))

@@ -11,6 +11,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import errno
 import email.utils
 import hashlib
 import os
@@ -191,6 +192,16 @@ def _open_file(url):
         raise DownloadError("cannot read %s: %s" % (url, error.strerror or error), url=url) from error
     etag, last_modified = _file_validators(os.fstat(handle.fileno()))
     return Source(url, handle, etag=etag, last_modified=last_modified, length=os.fstat(handle.fileno()).st_size)
+
+
+def check_local_source(url):
+    """For a file:// URL, the DownloadError a fetch would raise when the file cannot be read, raised now."""
+    if urlparse(url).scheme != "file":
+        return
+    path = _file_path(url)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        reason = os.strerror(errno.ENOENT) if not os.path.exists(path) else "not a readable file"
+        raise DownloadError("cannot read %s: %s" % (url, reason), url=url)
 
 
 def _http_error(url, error, method="GET"):

@@ -18,32 +18,43 @@ __metaclass__ = type
 
 import ipaddress
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
+    ETCD_ARGS,
+    HOST_NETNS_ARGS,
+    NAMESPACE_ARGS,
+    with_common,
+)
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network.networks import (
-    WAN,
-    Handles,
-    check_name,
-    check_pool_address,
-    device_names,
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan, resolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import (
+    check_usable,
     parse_address,
     parse_cidr,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import WAN, Handles, device_names
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
-FLOATING_ARGS = dict(
-    pool=dict(type="str"),
-    network=dict(type="str"),
-    instance=dict(type="str"),
-    fixed_ip=dict(type="str"),
-    address=dict(type="str"),
-    state=dict(type="str", default="present", choices=["present", "absent"]),
-    prune=dict(type="bool", default=False),
-    host_netns=dict(type="str"),
-    namespace_prefix=dict(type="str", default="scnet-"),
+MODULE_SPEC = dict(
+    argument_spec=with_common(
+        dict(
+            pool=dict(type="str"),
+            network=dict(type="str"),
+            instance=dict(type="str"),
+            fixed_ip=dict(type="str"),
+            address=dict(type="str"),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            prune=dict(type="bool", default=False),
+        ),
+        ETCD_ARGS,
+        HOST_NETNS_ARGS,
+        NAMESPACE_ARGS,
+    ),
+    mutually_exclusive=[("instance", "fixed_ip")],
+    supports_check_mode=True,
 )
-MUTUALLY_EXCLUSIVE = [("instance", "fixed_ip")]
 
 
 def dnat_comment(address, fixed_ip):
@@ -69,7 +80,8 @@ def validate(params):
     if params["address"]:
         address = parse_address(params["address"], "address")
         if pool is not None:
-            check_pool_address(pool, address, "address")
+            check_usable(pool, address, "address")
+    # Not required_if: with prune=true (state present by default) none of these is needed.
     if params["state"] == "present":
         for option in ("pool", "network"):
             if not params[option]:
@@ -77,40 +89,39 @@ def validate(params):
         if not (params["instance"] or params["fixed_ip"]):
             raise InvalidInput("one of instance or fixed_ip is required with state=present")
     if params["network"]:
-        check_name(params["network"])
+        check_name("network", params["network"])
     if params["fixed_ip"]:
         parse_address(params["fixed_ip"], "fixed_ip")
     return pool
 
 
-def converge(module):
+def run(module):
     """Entry point for run_module."""
     params = module.params
     pool = validate(params)
     store = Store.from_params(params)
     handles = Handles()
     try:
-        runner = FloatingRunner(module, store, handles, pool)
+        runner = FloatingRunner(params, store, handles, pool)
         if params["prune"]:
             with store.lock("floating-prune", ttl=60, timeout=120):
-                return runner.prune()
+                return runner.prune(module.check_mode)
         network = params["network"] or runner.network_of_address()
         if network is None:
             return runner.plan.result(address=params["address"])  # absent, never existed: nothing to do
         with store.lock("network/%s" % network, ttl=60, timeout=120):
-            if params["state"] == "absent":
-                return runner.absent(network)
-            return runner.present(network)
+            facts = runner.plan_absent(network) if params["state"] == "absent" else runner.plan_present(network)
+            runner.plan.apply(module.check_mode)
+            return runner.plan.result(**facts)
     finally:
         handles.close()
 
 
-class FloatingRunner(object):
+class FloatingRunner:
     """One converge of one floating IP (or one prune) on the network's gateway host."""
 
-    def __init__(self, module, store, handles, pool):
-        self.module = module
-        self.params = module.params
+    def __init__(self, params, store, handles, pool):
+        self.params = params
         self.store = store
         self.handles = handles
         self.pool = str(pool) if pool is not None else None
@@ -120,14 +131,14 @@ class FloatingRunner(object):
         """The network of the floating IP recorded for ``address`` (None when there is none)."""
         if not self.params["address"]:
             return None
-        record = self.store.get("floating_ips/%s" % self.params["address"])
+        record = self.store.get(records.floating_ip_key(self.params["address"]))
         return record.get("network") if record else None
 
     # present -----------------------------------------------------------------------------------
 
-    def present(self, network_name):
-        """Allocate (or reuse) the address and converge rules, address and route."""
-        network = self.store.get("networks/%s" % network_name)
+    def plan_present(self, network_name):
+        """Plan the allocation (or reuse) of the address, its record, rules, address and route; the facts."""
+        network = self.store.get(records.network_key(network_name))
         if network is None:
             raise InvalidInput("network %s does not exist" % network_name, network=network_name)
         if not network.get("nat"):
@@ -141,35 +152,53 @@ class FloatingRunner(object):
                                network=network_name)
         record = self.existing(network_name, target)
         address = self.params["address"] or (record or {}).get("address")
-        owner = owner_of(network_name, target)
-        if address is None:
-            self.plan.add("allocate a floating IP from %s" % self.params["pool"])
-            if self.module.check_mode:
-                return self.plan.result(address=None, fixed_ip=fixed_ip, network=network_name)
-            address = self.store.allocate_floating(self.params["pool"], owner)
-        elif record is None:
-            self.plan.add("allocate floating IP %s" % address)
-            if not self.module.check_mode:
-                self.store.allocate_floating(self.params["pool"], owner, requested=address)
         want = {"address": address, "pool": self.pool, "network": network_name,
                 "instance": self.params["instance"], "fixed_ip": fixed_ip}
-        current = self.store.get("floating_ips/%s" % address)
+        if address is None or record is None:
+            want["address"] = self.plan_allocation(owner_of(network_name, target), address)
+        current = self.store.get(records.floating_ip_key(address)) if address else None
         if self.plan.compare("record", current, want):
-            self.plan.add("record floating_ips/%s" % address, self.store.put, "floating_ips/%s" % address, want)
-        self.host_steps(names, address, fixed_ip)
-        self.plan.apply(self.module.check_mode)
-        return self.plan.result(address=address, fixed_ip=fixed_ip, network=network_name,
-                                namespace=names["namespace"], pool=self.pool)
+            self.plan.add("record floating_ips/%s" % (address or "(allocated address)"), self.write_record,
+                          want).undone_by(self.restore_record, want, current)
+        if address is None:
+            # The rules and routes name the address: planned once it is allocated.
+            self.plan.expand("map the new floating IP onto %s in %s" % (fixed_ip, names["namespace"]),
+                             lambda: self.host_plan(names, want["address"].value, fixed_ip))
+        else:
+            self.plan.merge(self.host_plan(names, address, fixed_ip))
+        return dict(address=want["address"], fixed_ip=fixed_ip, network=network_name,
+                    namespace=names["namespace"], pool=self.pool)
+
+    def plan_allocation(self, owner, address):
+        """A step allocating ``address`` (or any free one) of the pool for ``owner``; released if a later step fails."""
+        pool = self.params["pool"]
+        return self.plan.allocate(
+            "allocate %s" % ("floating IP %s" % address if address else "a floating IP from %s" % pool),
+            self.store.allocate_floating, pool, owner, requested=address,
+            release=lambda value: self.store.release_floating(pool, value, owner=owner))
+
+    def write_record(self, want):
+        """Put the floating IP's record, its address filled in."""
+        record = resolved(want)
+        self.store.put(records.floating_ip_key(record["address"]), record)
+
+    def restore_record(self, want, previous):
+        """Undo of write_record: the previous record back, or none."""
+        key = records.floating_ip_key(resolved(want)["address"])
+        if previous is None:
+            self.store.delete(key)
+        else:
+            self.store.put(key, previous)
 
     def fixed_ip(self, network):
         """(fixed IP, target name) from ``fixed_ip`` or from the instance's record on the network."""
-        cidr = ipaddress.ip_network(u"%s" % network["cidr"])
+        cidr = ipaddress.ip_network(network["cidr"])
         if self.params["fixed_ip"]:
-            if ipaddress.ip_address(u"%s" % self.params["fixed_ip"]) not in cidr:
+            if ipaddress.ip_address(self.params["fixed_ip"]) not in cidr:
                 raise InvalidInput("fixed_ip %s is not in network %s (%s)" % (self.params["fixed_ip"], network["name"],
                                    cidr), fixed_ip=self.params["fixed_ip"])
             return self.params["fixed_ip"], self.params["fixed_ip"]
-        instance = self.store.get("instances/%s" % self.params["instance"])
+        instance = self.store.get(records.instance_key(self.params["instance"]))
         for nic in (instance or {}).get("interfaces") or []:
             if nic.get("network") == network["name"] and nic.get("ip"):
                 return nic["ip"], self.params["instance"]
@@ -179,21 +208,30 @@ class FloatingRunner(object):
     def existing(self, network_name, target):
         """The floating IP record already held by ``target`` on the network (address given or not)."""
         if self.params["address"]:
-            record = self.store.get("floating_ips/%s" % self.params["address"])
+            record = self.store.get(records.floating_ip_key(self.params["address"]))
             if record and (record.get("network"), record.get("instance") or record.get("fixed_ip")) != (
                     network_name, target):
                 raise Conflict("floating IP %s is attached to %s on network %s"
                                % (self.params["address"], record.get("instance") or record.get("fixed_ip"),
                                   record.get("network")), address=self.params["address"])
             return record
-        for record in self.store.list("floating_ips").values():
+        for record in records.floating_ips(self.store).values():
             if record.get("network") == network_name and target in (record.get("instance"), record.get("fixed_ip")) \
                     and record.get("pool") == self.pool:
                 return record
         return None
 
+    def host_plan(self, names, address, fixed_ip):
+        """A plan for the DNAT/SNAT rules, the address on wan and the host route, each checked separately."""
+        main, self.plan = self.plan, Plan()
+        try:
+            self.host_steps(names, address, fixed_ip)
+            return self.plan
+        finally:
+            self.plan = main
+
     def host_steps(self, names, address, fixed_ip):
-        """DNAT/SNAT rules, the address on wan and the host route, each checked and fixed separately."""
+        """Queue the DNAT/SNAT rules, the address on wan and the host route that are missing."""
         ns = names["namespace"]
         inner = self.handles.get(ns)
         host = self.handles.get(self.params["host_netns"])
@@ -212,7 +250,7 @@ class FloatingRunner(object):
                 script = 'add rule ip %s %s %s comment "%s"\n' % (svc.NFT_TABLE, chain, body, comment)
                 self.plan.add("add %s rule: %s" % (chain, comment), svc.nft_apply, ns, script)
         addresses = inner.addresses(WAN)
-        self.plan.compare("addresses", addresses, sorted(set(addresses) | set(["%s/32" % address])))
+        self.plan.compare("addresses", addresses, sorted(set(addresses) | {"%s/32" % address}))
         if "%s/32" % address not in addresses:
             self.plan.add("add %s/32 to %s:%s" % (address, ns, WAN), inner.add_address, WAN, "%s/32" % address)
         if ("%s/32" % address, None, names["wan_host"]) not in host.routes():
@@ -228,27 +266,26 @@ class FloatingRunner(object):
 
     # absent and prune --------------------------------------------------------------------------
 
-    def absent(self, network_name):
-        """Release the floating IP named by address or by network + target; a gone one is fine."""
+    def plan_absent(self, network_name):
+        """Plan the release of the floating IP named by address or by network + target; a gone one is fine."""
         record = None
         if self.params["address"]:
-            record = self.store.get("floating_ips/%s" % self.params["address"])
+            record = self.store.get(records.floating_ip_key(self.params["address"]))
         elif self.params["instance"] or self.params["fixed_ip"]:
             target = self.params["instance"] or self.params["fixed_ip"]
-            for candidate in self.store.list("floating_ips").values():
+            for candidate in records.floating_ips(self.store).values():
                 if candidate.get("network") == network_name and target in (candidate.get("instance"),
                                                                            candidate.get("fixed_ip")):
                     record = candidate
         if record is None:
-            return self.plan.result(address=self.params["address"], network=network_name)
+            return dict(address=self.params["address"], network=network_name)
         self.release(record)
-        self.plan.apply(self.module.check_mode)
-        return self.plan.result(address=record["address"], network=network_name, fixed_ip=record["fixed_ip"])
+        return dict(address=record["address"], network=network_name, fixed_ip=record["fixed_ip"])
 
     def release(self, record):
         """Queue removal of a floating IP's rules, address and route (where present) and its etcd keys."""
         address = record["address"]
-        network = self.store.get("networks/%s" % record["network"])
+        network = self.store.get(records.network_key(record["network"]))
         if network is not None:
             names = device_names(network["vni"], self.params["namespace_prefix"])
             if svc.netns_exists(names["namespace"]):
@@ -256,7 +293,7 @@ class FloatingRunner(object):
         self.plan.compare("record", record, None)
         self.plan.add("release floating IP %s to %s" % (address, record["pool"]), self.store.release_floating,
                       record["pool"], address)
-        self.plan.add("delete floating_ips/%s" % address, self.store.delete, "floating_ips/%s" % address)
+        self.plan.add("delete floating_ips/%s" % address, self.store.delete, records.floating_ip_key(address))
 
     def host_cleanup(self, names, address):
         """Queue removal of the rules, the wan address and the host route of ``address``."""
@@ -271,33 +308,33 @@ class FloatingRunner(object):
             self.plan.add("remove route %s/32 dev %s" % (address, names["wan_host"]), host.del_route,
                           "%s/32" % address, names["wan_host"])
 
-    def prune(self):
-        """Release every floating IP whose network or instance no longer exists (or lost that network)."""
-        networks = self.store.list("networks")
-        instances = self.store.list("instances")
-        pruned = []
-        for address, record in sorted(self.store.list("floating_ips").items()):
-            if "/" in address or not isinstance(record, dict):
-                continue
-            if self.pool and record.get("pool") != self.pool:
+    def prune(self, check_mode):
+        """Release every floating IP whose network or instance no longer exists (or lost that network).
+
+        Each orphan is planned and released under its own network's lock, as its own plan, merged into the
+        task's plan for the result.
+        """
+        networks = records.networks(self.store)
+        instances = records.instances(self.store)
+        orphans = []
+        for _address, record in sorted(records.floating_ips(self.store).items()):
+            if not isinstance(record, dict) or (self.pool and record.get("pool") != self.pool):
                 continue
             if self.orphaned(record, networks, instances):
-                pruned.append(address)
-                self.release_now(record)
-        return self.plan.result(pruned=pruned)
+                orphans.append(record)
+                self.plan.merge(self.release_under_lock(record, check_mode))
+        self.plan.compare("floating_ips", orphans, [])
+        return self.plan.result(pruned=[record["address"] for record in orphans])
 
-    def release_now(self, record):
-        """Release one orphan under its network's lock, reporting its steps on the main plan."""
+    def release_under_lock(self, record, check_mode):
+        """The applied plan releasing one orphan, planned and applied under its network's lock."""
         main, self.plan = self.plan, Plan()
         try:
             with self.store.lock("network/%s" % record["network"], ttl=60, timeout=120):
                 self.release(record)
-                self.plan.apply(self.module.check_mode)
+                self.plan.apply(check_mode)
+            return self.plan
         finally:
-            for action in self.plan.actions:
-                main.add(action)
-            main.before.setdefault("floating_ips", []).append(record)
-            main.after.setdefault("floating_ips", [])
             self.plan = main
 
     @staticmethod

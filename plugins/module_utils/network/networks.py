@@ -24,142 +24,94 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import ipaddress
 import os
-import re
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import files
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
+    ETCD_ARGS,
+    HOST_NETNS_ARGS,
+    NAMESPACE_ARGS,
+    NETWORK_STATE_ARGS,
+    with_common,
+)
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan, resolved, unresolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import (
+    VXLAN_OVERHEAD,
+    check_usable,
+    gateway_facts,
+    parse_address,
+    parse_cidr,
+)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import (
+    LAN,
+    TRANSIT_HOST,
+    WAN,
+    Handles,
+    check_namespace_prefix,
+    device_names,
+    gateway_state_dir,
+)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import attached_instances, leases_for
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import check_vni
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
-VNI_MIN, VNI_MAX = 1, 16777215
-VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
-MAX_PREFIXLEN = 29  # network, gateway, broadcast and at least a few guests
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-TRANSIT_HOST = "169.254.0.1"  # the host end of every egress veth; the namespace's default gateway
-LAN, WAN = "lan", "wan"
-NOT_YET = "(allocated on apply)"
+MTU_MIN, MTU_MAX = 576, 9000
 
-NETWORK_ARGS = dict(
-    name=dict(type="str", required=True),
-    state=dict(type="str", default="present", choices=["present", "absent"]),
-    cidr=dict(type="str"),
-    vni=dict(type="int"),
-    mtu=dict(type="int"),
-    dhcp=dict(type="bool", default=True),
-    dns_servers=dict(type="list", elements="str", default=[]),
-    nat=dict(type="bool", default=False),
-    egress_pool=dict(type="str"),
-    egress_address=dict(type="str"),
-    gateway=dict(type="bool", default=True),
-    underlay_interface=dict(type="str"),
-    mesh_peers=dict(type="list", elements="str"),
-    host_netns=dict(type="str"),
-    namespace_prefix=dict(type="str", default="scnet-"),
-    state_dir=dict(type="path", default="/run/smallcloud/networks"),
-    departing_instances=dict(type="list", elements="str", default=[]),
+MODULE_SPEC = dict(
+    argument_spec=with_common(
+        dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            cidr=dict(type="str"),
+            vni=dict(type="int"),
+            mtu=dict(type="int"),
+            dhcp=dict(type="bool", default=True),
+            dns_servers=dict(type="list", elements="str", default=[]),
+            nat=dict(type="bool", default=False),
+            egress_pool=dict(type="str"),
+            egress_address=dict(type="str"),
+            gateway=dict(type="bool", default=True),
+            underlay_interface=dict(type="str"),
+            mesh_peers=dict(type="list", elements="str"),
+            departing_instances=dict(type="list", elements="str", default=[]),
+        ),
+        ETCD_ARGS,
+        HOST_NETNS_ARGS,
+        NAMESPACE_ARGS,
+        NETWORK_STATE_ARGS,
+    ),
+    required_if=[("state", "present", ("cidr", "underlay_interface"))],
+    required_by={"egress_address": "egress_pool"},
+    supports_check_mode=True,
 )
 
 
-# names and pure validation ---------------------------------------------------------------------
-
-
-def device_names(vni, prefix="scnet-"):
-    """Every name derived from ``vni``: links on the host (<= 15 chars) and the gateway namespace."""
-    tag = "%x" % vni
-    return {
-        "vxlan": "vx-" + tag,
-        "bridge": "br-" + tag,
-        "lan_host": "vg-" + tag,
-        "wan_host": "ve-" + tag,
-        "namespace": prefix + tag,
-    }
-
-
-def check_name(name):
-    """Raise InvalidInput unless ``name`` can be an etcd path segment and a file name."""
-    if not NAME_RE.match(name or ""):
-        raise InvalidInput(
-            "network name %r is not allowed: use 1-63 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit" % (name,), name=name, allowed=NAME_RE.pattern)
-
-
-def parse_cidr(cidr, option="cidr", max_prefixlen=MAX_PREFIXLEN):
-    """An IPv4Network from ``cidr``; InvalidInput naming the value when it is not a usable IPv4 CIDR."""
-    try:
-        network = ipaddress.ip_network(u"%s" % cidr, strict=True)
-    except ValueError as error:
-        raise InvalidInput("%s %r is not a valid IPv4 network (e.g. 10.0.0.0/24): %s" % (option, cidr, error),
-                           **{option: cidr}) from error
-    if network.version != 4:
-        raise InvalidInput("%s %r is not IPv4; only IPv4 networks are supported" % (option, cidr), **{option: cidr})
-    if network.prefixlen > max_prefixlen:
-        raise InvalidInput(
-            "%s %s is too small to hold a gateway and guests: use a prefix length of at most /%d"
-            % (option, cidr, max_prefixlen), **{option: cidr, "max_prefixlen": max_prefixlen})
-    return network
-
-
-def parse_address(value, option):
-    """An IPv4Address from ``value``; InvalidInput naming ``option`` otherwise."""
-    try:
-        address = ipaddress.ip_address(u"%s" % value)
-    except ValueError:
-        address = None
-    if address is None or address.version != 4:
-        raise InvalidInput("%s %r is not an IPv4 address" % (option, value), **{option: value})
-    return address
-
-
-def check_vni(vni):
-    """Raise InvalidInput unless ``vni`` is None or a valid 24-bit VXLAN id."""
-    if vni is not None and not VNI_MIN <= vni <= VNI_MAX:
-        raise InvalidInput("vni %d is out of range: allowed %d..%d" % (vni, VNI_MIN, VNI_MAX),
-                           vni=vni, allowed="%d..%d" % (VNI_MIN, VNI_MAX))
-
-
-def check_pool_address(pool, address, option):
-    """Raise InvalidInput unless ``address`` is a usable host of ``pool`` (not network, first or broadcast)."""
-    if address not in pool or address in (pool.network_address, pool.network_address + 1, pool.broadcast_address):
-        raise InvalidInput("%s %s is not a usable address of %s (allowed %s..%s)"
-                           % (option, address, pool, pool.network_address + 2, pool.broadcast_address - 1),
-                           **{option: str(address)})
-
-
-def gateway_facts(network):
-    """Gateway address (first host, with prefix) and the DHCP range of ``network``."""
-    return {
-        "gateway_ip": str(network.network_address + 1),
-        "gateway_cidr": "%s/%d" % (network.network_address + 1, network.prefixlen),
-        "dhcp_range": "%s-%s" % (network.network_address + 2, network.broadcast_address - 1),
-    }
+# pure validation -------------------------------------------------------------------------------
 
 
 def validate_params(params):
     """Every check that needs neither etcd nor the host; returns parsed values."""
-    check_name(params["name"])
-    check_vni(params["vni"])
-    if not PREFIX_RE.match(params["namespace_prefix"] or ""):
-        raise InvalidInput("namespace_prefix %r is not allowed: use 1-32 letters, digits, '.', '_' or '-'"
-                           % (params["namespace_prefix"],), namespace_prefix=params["namespace_prefix"])
+    check_name("network", params["name"])
+    if params["vni"] is not None:
+        check_vni(params["vni"])
+    check_namespace_prefix(params["namespace_prefix"])
     parsed = {"network": None, "egress_pool": None}
     if params["state"] == "absent":
         return parsed
-    if not params["cidr"]:
-        raise InvalidInput("cidr is required with state=present", name=params["name"])
-    if not params["underlay_interface"]:
-        raise InvalidInput("underlay_interface is required with state=present", name=params["name"])
     parsed["network"] = parse_cidr(params["cidr"])
     for server in params["dns_servers"]:
         parse_address(server, "dns_servers")
     for peer in params["mesh_peers"] or []:
         parse_address(peer, "mesh_peers")
-    if params["mtu"] is not None and not 576 <= params["mtu"] <= 9000:
-        raise InvalidInput("mtu %d is out of range: allowed 576..9000" % params["mtu"], mtu=params["mtu"])
+    if params["mtu"] is not None and not MTU_MIN <= params["mtu"] <= MTU_MAX:
+        raise InvalidInput("mtu %d is out of range: allowed %d..%d" % (params["mtu"], MTU_MIN, MTU_MAX),
+                           mtu=params["mtu"])
     if params["egress_pool"]:
         parsed["egress_pool"] = parse_cidr(params["egress_pool"], "egress_pool", max_prefixlen=30)
     if params["egress_address"]:
@@ -167,95 +119,15 @@ def validate_params(params):
         if parsed["egress_pool"] is None:
             raise InvalidInput("egress_address needs egress_pool (the pool it belongs to)",
                                egress_address=params["egress_address"])
-        check_pool_address(parsed["egress_pool"], address, "egress_address")
+        check_usable(parsed["egress_pool"], address, "egress_address")
     return parsed
-
-
-def leases_for(network_name, instances):
-    """``[(mac, ip, hostname)]`` of every instance interface on ``network_name``."""
-    leases = []
-    for key, record in sorted((instances or {}).items()):
-        if not isinstance(record, dict):
-            continue
-        name = record.get("name") or key
-        for nic in record.get("interfaces") or []:
-            if nic.get("network") == network_name and nic.get("mac") and nic.get("ip"):
-                leases.append((nic["mac"], nic["ip"], name if HOSTNAME_RE.match(name) else None))
-    return leases
-
-
-def gateway_state_dir(state_dir, vni, namespace_prefix):
-    """Where a network's dnsmasq keeps its conf, hosts, leases and pid file on its gateway host."""
-    return os.path.join(state_dir, device_names(vni, namespace_prefix)["namespace"])
-
-
-def refresh_leases(network_name, record, instances, state_dir, namespace_prefix):
-    """Rewrite the static leases of the network's dnsmasq if it runs on this host, and SIGHUP it.
-
-    For modules that change instance records between runs of the network module; True when reloaded.
-    """
-    if record.get("vni") is None or not record.get("dhcp", True):
-        return False
-    gateway_dir = gateway_state_dir(state_dir, record["vni"], namespace_prefix)
-    if svc.dnsmasq_pid(gateway_dir) is None:
-        return False  # the network's gateway is another host
-    hosts_path = os.path.join(gateway_dir, "hosts")
-    hosts = svc.dnsmasq_hosts(leases_for(network_name, instances))
-    if files.read_text(hosts_path) == hosts:
-        return False
-    files.write_text(hosts_path, hosts)
-    svc.dnsmasq_reload(gateway_dir)
-    return True
-
-
-def attached_instances(network_name, instances):
-    """Sorted names of instances with an interface on ``network_name``."""
-    names = set()
-    for key, record in (instances or {}).items():
-        if isinstance(record, dict) and any(nic.get("network") == network_name
-                                            for nic in record.get("interfaces") or []):
-            names.add(record.get("name") or key)
-    return sorted(names)
-
-
-def top_records(listing):
-    """Only the direct children of a store.list() answer (nested keys belong to other records)."""
-    return dict((key, value) for key, value in (listing or {}).items() if "/" not in key.strip("/"))
 
 
 # the runner ------------------------------------------------------------------------------------
 
 
-class Handles(object):
-    """Netlink handles opened on first use and closed together."""
-
-    def __init__(self):
-        self._open = {}
-
-    def get(self, netns):
-        """The NetDev of ``netns`` (None: the module's own namespace)."""
-        if netns not in self._open:
-            # Imported here: pyroute2 takes ~0.15 s to import, and the instance and cloud_info modules,
-            # which use this file's helpers but never touch links, should not pay for it.
-            from ansible_collections.smallcloud.kvm.plugins.module_utils.network.netdev import NetDev  # noqa: PLC0415
-
-            self._open[netns] = NetDev(netns)
-        return self._open[netns]
-
-    def drop(self, netns):
-        """Forget (and close) the handle of a namespace about to be deleted."""
-        handle = self._open.pop(netns, None)
-        if handle is not None:
-            handle.close()
-
-    def close(self):
-        """Close every handle."""
-        for netns in list(self._open):
-            self.drop(netns)
-
-
-def converge(module):
-    """Entry point for run_module: the network's desired state applied (or previewed)."""
+def run(module):
+    """Entry point for run_module: the network's desired state planned, then applied (or previewed)."""
     params = module.params
     parsed = validate_params(params)
     if params["host_netns"] and not svc.netns_exists(params["host_netns"]):
@@ -264,56 +136,73 @@ def converge(module):
     handles = Handles()
     try:
         with store.lock("network/%s" % params["name"], ttl=60, timeout=120):
-            if params["state"] == "absent":
-                return NetworkRunner(module, store, handles, parsed).absent()
-            return NetworkRunner(module, store, handles, parsed).present()
+            runner = NetworkRunner(params, store, handles, parsed)
+            with runner.creation_lock():
+                facts = runner.plan_absent() if params["state"] == "absent" else runner.plan_present()
+                runner.plan.apply(module.check_mode)
+            return runner.plan.result(**facts())
     finally:
         handles.close()
 
 
-class NetworkRunner(object):
-    """One converge of one network on one host."""
+class NetworkRunner:
+    """One converge of one network on one host: ``plan_present`` or ``plan_absent`` fill ``plan`` and
+    return a function giving the facts of the result (read after the apply)."""
 
-    def __init__(self, module, store, handles, parsed):
-        self.module = module
-        self.params = module.params
+    def __init__(self, params, store, handles, parsed):
+        self.params = params
         self.store = store
         self.handles = handles
         self.parsed = parsed
-        self.name = self.params["name"]
+        self.name = params["name"]
+        self.path = records.network_key(self.name)
         self.owner = "network/%s" % self.name
         self.plan = Plan()
-        self.host = handles.get(self.params["host_netns"])
+        self.host = handles.get(params["host_netns"])
+        self.record = store.get(self.path)
+
+    def creation_lock(self):
+        """The cloud-wide lock, held from planning to apply, when this run creates the network.
+
+        So two new networks never overlap or share a VNI.
+        """
+        if self.record is not None or self.params["state"] == "absent":
+            return contextlib.nullcontext()
+        return self.store.lock("networks", ttl=60, timeout=120)
 
     # present -----------------------------------------------------------------------------------
 
-    def present(self):
-        """Validate against etcd and the host, allocate, record, then converge the host."""
-        path = "networks/%s" % self.name
-        record = self.store.get(path)
+    def plan_present(self):
+        """Validate against etcd and the host; plan the record's creation or update, then the host."""
+        self.record = self.store.get(self.path)  # again, now under the creation lock
         vtep, underlay_mtu = self.underlay()
-        if record is None:
-            # Creation takes the cloud-wide lock too, so two new networks never overlap.
-            with self.store.lock("networks", ttl=60, timeout=120):
-                record = self.store.get(path)
-                if record is None:
-                    record = self.create(vtep, underlay_mtu)
-                else:
-                    record = self.update_record(record, vtep, underlay_mtu)
+        if self.record is None:
+            record = self.plan_create(vtep, underlay_mtu)
         else:
-            record = self.update_record(record, vtep, underlay_mtu)
-        if record.get("vni") is None:  # check mode of a new network: nothing to derive names from
-            self.plan.add("create VXLAN, bridge%s for the new network" % (
-                ", namespace, DHCP and NAT" if self.params["gateway"] else ""))
-            return self.plan.result(vni=None, mtu=record["mtu"], **gateway_facts(self.parsed["network"]))
-        want = self.desired(record, vtep)
-        HostPlan(self, want).build()
-        self.plan.apply(self.module.check_mode)
-        return self.plan.result(
-            vni=want["vni"], bridge=want["bridge"], vxlan=want["vxlan"],
-            namespace=want["namespace"] if want["gateway"] else None, mtu=want["mtu"],
-            gateway_ip=want["gateway_ip"], dhcp_range=want["dhcp_range"], peers=want["peers"],
-            egress_address=want["egress"] if want["nat"] else None)
+            record = self.plan_update(self.record, vtep, underlay_mtu)
+        if unresolved(record):
+            # Device names and NAT rules derive from values allocated on apply: planned then.
+            self.plan.expand("converge network %s on this host" % self.name, lambda: self.host_plan(record, vtep))
+        else:
+            self.plan.merge(self.host_plan(record, vtep))
+        network = self.parsed["network"]
+
+        def facts():
+            if unresolved(record["vni"]):  # check mode of a new network
+                return dict(vni=None, mtu=record["mtu"], **gateway_facts(network))
+            want = self.desired(resolved(record), vtep)
+            return dict(vni=want["vni"], bridge=want["bridge"], vxlan=want["vxlan"],
+                        namespace=want["namespace"] if want["gateway"] else None, mtu=want["mtu"],
+                        gateway_ip=want["gateway_ip"], dhcp_range=want["dhcp_range"], peers=want["peers"],
+                        egress_address=want["egress"] if want["nat"] else None)
+
+        return facts
+
+    def host_plan(self, record, vtep):
+        """A plan converging this host's part of the network described by ``record``."""
+        plan = Plan()
+        HostPlan(self, plan, self.desired(resolved(record), vtep)).build()
+        return plan
 
     def underlay(self):
         """(VTEP address, MTU) of underlay_interface; InvalidInput when it is missing or unaddressed."""
@@ -340,56 +229,50 @@ class NetworkRunner(object):
     def check_new(self):
         """Checks against etcd for a network that does not exist yet: overlap, VNI taken."""
         network = self.parsed["network"]
-        for key, other in top_records(self.store.list("networks")).items():
+        for key, other in records.networks(self.store).items():
             if isinstance(other, dict) and other.get("cidr") and other.get("name", key) != self.name:
-                if network.overlaps(ipaddress.ip_network(u"%s" % other["cidr"])):
+                if network.overlaps(ipaddress.ip_network(other["cidr"])):
                     raise InvalidInput("cidr %s overlaps network %s (%s)" % (network, other.get("name", key),
                                        other["cidr"]), cidr=str(network), overlaps=other.get("name", key))
         vni = self.params["vni"]
         if vni is not None:
-            taken = self.store.get("vni/%d" % vni)
-            holder = taken.get("owner") if isinstance(taken, dict) else taken
-            if taken and holder != self.owner:
+            holder = records.holder(self.store, records.vni_key(vni))
+            if holder is not None and holder != self.owner:
                 raise Conflict("vni %d is taken by %s" % (vni, holder), vni=vni, owner=holder)
         if self.params["nat"] and self.params["gateway"] and self.parsed["egress_pool"] is None:
             raise InvalidInput("nat needs egress_pool: the outside CIDR routed to this host that the "
                                "network's egress address comes from", name=self.name)
 
-    def create(self, vtep, underlay_mtu):
-        """Allocate VNI and egress address and write the record (nothing allocated in check mode)."""
+    def plan_create(self, vtep, underlay_mtu):
+        """Plan the allocations and the record of a new network; a failed step releases what was allocated."""
         self.check_new()
         mtu = self.params["mtu"] or underlay_mtu - VXLAN_OVERHEAD
         self.check_mtu(mtu, underlay_mtu)
         record = self.base_record(mtu)
         record["vteps"] = [vtep]
         record["gateway_vtep"] = vtep if self.params["gateway"] else None
-        self.plan.compare("vni", None, self.params["vni"] or NOT_YET)
-        self.plan.add("allocate vni %s" % (self.params["vni"] or "from the pool"))
+        record["vni"] = self.plan.allocate(
+            "allocate vni %s" % (self.params["vni"] or "from the pool"), self.store.allocate_vni, self.owner,
+            requested=self.params["vni"], release=lambda vni: self.store.release_vni(vni, owner=self.owner))
         if self.params["nat"]:
-            self.plan.add("allocate egress address %s" % (self.params["egress_address"] or
-                                                          "from %s" % self.params["egress_pool"]))
-        self.plan.add("create etcd record networks/%s" % self.name)
-        if self.module.check_mode:
-            record["vni"] = self.params["vni"]
-            record["egress_address"] = (self.params["egress_address"] or NOT_YET) if self.params["nat"] else None
-            self.plan.compare("record", None, record)
-            return record
-        record["vni"] = self.store.allocate_vni(self.owner, requested=self.params["vni"])
-        try:
-            if self.params["nat"]:
-                record["egress_address"] = self.store.allocate_floating(
-                    self.params["egress_pool"], self.owner, requested=self.params["egress_address"])
-            if not self.store.create("networks/%s" % self.name, record):
-                raise Conflict("network %s was created by someone else meanwhile" % self.name, name=self.name)
-        except Exception:
-            # Nothing may stay allocated when creation fails.
-            if record.get("egress_address"):
-                self.store.release_floating(self.params["egress_pool"], record["egress_address"], owner=self.owner)
-            self.store.release_vni(record["vni"], owner=self.owner)
-            raise
+            record["egress_address"] = self.plan_egress_allocation(self.params["egress_pool"])
         self.plan.compare("vni", None, record["vni"])
         self.plan.compare("record", None, record)
+        self.plan.add("create etcd record %s" % self.path, self.create_record, record)
         return record
+
+    def plan_egress_allocation(self, pool):
+        """A step allocating the egress address (the one asked for, or any) from ``pool``."""
+        requested = self.params["egress_address"]
+        return self.plan.allocate(
+            "allocate egress address %s" % (requested or "from %s" % pool), self.store.allocate_floating, pool,
+            self.owner, requested=requested,
+            release=lambda address: self.store.release_floating(pool, address, owner=self.owner))
+
+    def create_record(self, record):
+        """Write a new network's record with its allocations filled in."""
+        if not self.store.create(self.path, resolved(record)):
+            raise Conflict("network %s was created by someone else meanwhile" % self.name, name=self.name)
 
     def check_mtu(self, mtu, underlay_mtu):
         """Raise InvalidInput when ``mtu`` does not fit in the underlay with VXLAN's overhead."""
@@ -406,8 +289,8 @@ class NetworkRunner(object):
             "egress_pool": self.params["egress_pool"], "egress_address": None, "vteps": [], "gateway_vtep": None,
         }
 
-    def update_record(self, record, vtep, underlay_mtu):
-        """Settings from the options and this host's VTEP merged into the record (written unless check mode)."""
+    def plan_update(self, record, vtep, underlay_mtu):
+        """Settings from the options and this host's VTEP merged into the record; its update planned."""
         self.check_unchanged(record)
         if self.params["mtu"]:
             self.check_mtu(self.params["mtu"], underlay_mtu)
@@ -417,20 +300,23 @@ class NetworkRunner(object):
         new = dict(record)
         if self.params["mtu"]:
             new["mtu"] = self.params["mtu"]
-        new["vteps"] = sorted(set(record.get("vteps") or []) | set([vtep]))
+        new["vteps"] = sorted(set(record.get("vteps") or []) | {vtep})
         if self.params["gateway"]:
             new["gateway_vtep"] = vtep
             # Gateway services are configured where they run; other hosts only carry VXLAN + bridge.
             for key in ("dhcp", "dns_servers"):
                 new[key] = self.params[key]
-            self.update_nat(record, new)
+            self.plan_nat_change(record, new)
         elif record.get("gateway_vtep") == vtep:
             new["gateway_vtep"] = None
         if self.plan.compare("record", record, new):
-            self.plan.add("update etcd record networks/%s" % self.name, self.store.put, "networks/%s" % self.name, new)
+            self.plan.add("update etcd record %s" % self.path, self.write_record, new)
         return new
 
-    def update_nat(self, record, new):
+    def write_record(self, record):
+        self.store.put(self.path, resolved(record))
+
+    def plan_nat_change(self, record, new):
         """Turning nat on allocates an egress address; turning it off releases it."""
         if self.params["nat"] == bool(record.get("nat")):
             return
@@ -439,58 +325,53 @@ class NetworkRunner(object):
             if self.parsed["egress_pool"] is None:
                 raise InvalidInput("nat needs egress_pool", name=self.name)
             new["egress_pool"] = self.params["egress_pool"]
-            self.plan.add("allocate egress address from %s" % new["egress_pool"])
-            if not self.module.check_mode:
-                new["egress_address"] = self.store.allocate_floating(
-                    new["egress_pool"], self.owner, requested=self.params["egress_address"])
+            new["egress_address"] = self.plan_egress_allocation(new["egress_pool"])
         else:
             new["egress_address"] = None
             self.plan.add("release egress address %s" % record.get("egress_address"), self.store.release_floating,
                           record.get("egress_pool"), record.get("egress_address"), owner=self.owner)
 
     def desired(self, record, vtep):
-        """Everything the host should have for this network."""
-        network = ipaddress.ip_network(u"%s" % record["cidr"])
+        """Everything the host should have for this network (``record`` with its allocations filled in)."""
+        network = ipaddress.ip_network(record["cidr"])
         want = dict(device_names(record["vni"], self.params["namespace_prefix"]))
         want.update(gateway_facts(network))
         peers = self.params["mesh_peers"] if self.params["mesh_peers"] is not None else record.get("vteps") or []
         gateway = bool(self.params["gateway"])
         want.update(
             vni=record["vni"], vtep=vtep, underlay=self.params["underlay_interface"], mtu=record["mtu"],
-            peers=sorted(set(peers) - set([vtep])), gateway=gateway, nat=gateway and bool(record.get("nat")),
-            egress=record.get("egress_address") or NOT_YET, dhcp=gateway and bool(record.get("dhcp")),
+            peers=sorted(set(peers) - {vtep}), gateway=gateway, nat=gateway and bool(record.get("nat")),
+            egress=record.get("egress_address"), dhcp=gateway and bool(record.get("dhcp")),
         )
         want["state_dir"] = gateway_state_dir(self.params["state_dir"], want["vni"], self.params["namespace_prefix"])
         want["conf"] = svc.dnsmasq_conf(want["state_dir"], LAN, network, gateway_ip=want["gateway_ip"],
                                         mtu=want["mtu"], dns_servers=record.get("dns_servers") or [])
-        want["hosts"] = svc.dnsmasq_hosts(leases_for(self.name, self.store.list("instances"))) if want["dhcp"] else ""
+        want["hosts"] = svc.dnsmasq_hosts(leases_for(self.name, records.instances(self.store))) if want["dhcp"] else ""
         want["nft"] = svc.nft_base_script(LAN, WAN, record["cidr"], want["egress"]) if want["nat"] else None
         return want
 
     # absent ------------------------------------------------------------------------------------
 
-    def absent(self):
-        """Tear down this host's part; the last host out deletes the record and frees its allocations."""
-        record = self.store.get("networks/%s" % self.name)
+    def plan_absent(self):
+        """Plan this host's part away; the last host out deletes the record and frees its allocations."""
+        record = self.record
         vni = record["vni"] if record else self.params["vni"]
         if vni is None:
-            return self.plan.result(vni=None)
-        attached = attached_instances(self.name, self.store.list("instances"))
-        if self.module.check_mode:
-            # An earlier task of this run deletes these; check mode only previewed that, so their
-            # records are still here. Outside check mode a record still here always blocks.
-            attached = [name for name in attached if name not in self.params["departing_instances"]]
+            return lambda: {"vni": None}
+        attached = attached_instances(self.name, records.instances(self.store))
+        # An earlier task of this run deletes these; check mode only previewed that, so their records are
+        # still here. A real run reaches this point only after they are gone, so a record still here blocks.
+        attached = [name for name in attached if name not in self.params["departing_instances"]]
         if attached:
             raise Conflict("network %s still has instances attached: %s; delete or detach them first"
                            % (self.name, ", ".join(attached)), instances=attached)
         names = device_names(vni, self.params["namespace_prefix"])
         vtep = self.local_vtep(names)
-        HostPlan(self, dict(names, vni=vni, state_dir=os.path.join(self.params["state_dir"],
-                                                                   names["namespace"]))).teardown()
+        want = dict(names, vni=vni, state_dir=os.path.join(self.params["state_dir"], names["namespace"]))
+        HostPlan(self, self.plan, want).teardown()
         if record is not None:
-            self.forget(record, vtep)
-        self.plan.apply(self.module.check_mode)
-        return self.plan.result(vni=vni, bridge=names["bridge"], namespace=names["namespace"])
+            self.plan_forget(record, vtep)
+        return lambda: {"vni": vni, "bridge": names["bridge"], "namespace": names["namespace"]}
 
     def local_vtep(self, names):
         """This host's VTEP: from underlay_interface when given, else from the existing VXLAN link."""
@@ -501,16 +382,15 @@ class NetworkRunner(object):
         link = self.host.link(names["vxlan"])
         return link["vxlan"]["local"] if link else None
 
-    def forget(self, record, vtep):
+    def plan_forget(self, record, vtep):
         """Drop this host from the record; delete record and allocations when no host is left."""
-        vteps = sorted(set(record.get("vteps") or []) - set([vtep]))
+        vteps = sorted(set(record.get("vteps") or []) - {vtep})
         if vteps:
             new = dict(record, vteps=vteps)
             if record.get("gateway_vtep") == vtep:
                 new["gateway_vtep"] = None
             if self.plan.compare("record", record, new):
-                self.plan.add("remove host %s from networks/%s" % (vtep, self.name), self.store.put,
-                              "networks/%s" % self.name, new)
+                self.plan.add("remove host %s from %s" % (vtep, self.path), self.write_record, new)
             return
         self.plan.compare("record", record, None)
         self.plan.compare("vni", record["vni"], None)
@@ -519,15 +399,15 @@ class NetworkRunner(object):
                           record["egress_pool"], record["egress_address"], owner=self.owner)
         self.plan.add("release vni %d" % record["vni"], self.store.release_vni, record["vni"], owner=self.owner)
         self.plan.add("delete addresses of network %s" % self.name, self.store.delete_prefix, "ipam/%s" % self.name)
-        self.plan.add("delete etcd record networks/%s" % self.name, self.store.delete, "networks/%s" % self.name)
+        self.plan.add("delete etcd record %s" % self.path, self.store.delete, self.path)
 
 
-class HostPlan(object):
-    """Compares the host with ``want`` and queues the steps that converge it on the runner's plan."""
+class HostPlan:
+    """Compares the host with ``want`` and queues the steps that converge it on ``plan``."""
 
-    def __init__(self, runner, want):
+    def __init__(self, runner, plan, want):
         self.runner = runner
-        self.plan = runner.plan
+        self.plan = plan
         self.handles = runner.handles
         self.host_netns = runner.params["host_netns"]
         self.host = runner.host
@@ -549,8 +429,6 @@ class HostPlan(object):
     def build(self):
         """Queue every step for the present state."""
         want = self.want
-        if "vni" not in self.plan.before:
-            self.plan.compare("vni", want["vni"], want["vni"])
         self.bridge()
         self.vxlan()
         self.fdb()
@@ -635,7 +513,7 @@ class HostPlan(object):
         smallcloud.kvm.floating_ip puts those on wan; they are not drift to remove here.
         """
         if self._wan_addresses is None:
-            floating = top_records(self.runner.store.list("floating_ips"))
+            floating = records.floating_ips(self.runner.store)
             self._wan_addresses = ["%s/32" % self.want["egress"]] + sorted(
                 "%s/32" % record["address"] for record in floating.values()
                 if isinstance(record, dict) and record.get("network") == self.runner.name and record.get("address"))
@@ -701,8 +579,8 @@ class HostPlan(object):
         observed = svc.nft_table(want["namespace"]) if exists else None
         observed_base = None
         if observed is not None:
-            observed_base = dict((chain, rules) for chain, rules in observed.items()
-                                 if chain in ("prerouting", "postrouting", "forward"))
+            observed_base = {chain: rules for chain, rules in observed.items()
+                             if chain in ("prerouting", "postrouting", "forward")}
         desired = None
         if want["nat"]:
             desired = {}
@@ -778,4 +656,4 @@ class HostPlan(object):
 
     def device_set(self):
         """Names of this network's links on the host."""
-        return set([self.want["vxlan"], self.want["bridge"], self.want["lan_host"], self.want["wan_host"]])
+        return {self.want["vxlan"], self.want["bridge"], self.want["lan_host"], self.want["wan_host"]}

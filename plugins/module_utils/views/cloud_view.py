@@ -16,24 +16,27 @@ import os
 import socket
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as net_utils
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instances import open_libvirt
-from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
-
-try:
-    import libvirt
-except ImportError:  # pragma: no cover - open_libvirt raises MissingLibrary
-    libvirt = None
-
-CLOUD_INFO_ARGS = with_common(
-    dict(
-        events=dict(type="bool", default=False),
-        namespace_prefix=dict(type="str", default="scnet-"),
-        sysfs_root=dict(type="path", default="/sys"),
-    ),
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection import libvirt, open_libvirt
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
     ETCD_ARGS,
     LIBVIRT_ARGS,
+    NAMESPACE_ARGS,
+    SYSFS_ARGS,
+    with_common,
+)
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import bridge_of
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
+
+MODULE_SPEC = dict(
+    argument_spec=with_common(
+        dict(events=dict(type="bool", default=False)),
+        ETCD_ARGS,
+        LIBVIRT_ARGS,
+        NAMESPACE_ARGS,
+        SYSFS_ARGS,
+    ),
+    supports_check_mode=True,
 )
 
 
@@ -80,19 +83,19 @@ def network_view(records, sysfs_root, prefix):
     for name, record in sorted(records.items()):
         if not isinstance(record, dict) or record.get("vni") is None:
             continue
-        bridge = net_utils.device_names(record["vni"], prefix)["bridge"]
+        bridge = bridge_of(record, prefix)
         present = os.path.isdir(os.path.join(sysfs_root, "class", "net", bridge))
         view[name] = dict(record, bridge=bridge, bridge_present=present)
     return view, problems
 
 
-def converge_info(module):
+def run(module):
     """Entry point for run_module: the cloud as etcd records it and as this host runs it."""
     params = module.params
     store = Store.from_params(params)
     host = socket.gethostname()
-    instance_records = net_utils.top_records(store.list("instances"))
-    networks, problems = network_view(net_utils.top_records(store.list("networks")), params["sysfs_root"],
+    instance_records = records.instances(store)
+    networks, problems = network_view(records.networks(store), params["sysfs_root"],
                                       params["namespace_prefix"])
     conn = open_libvirt(params["uri"])
     try:
@@ -108,7 +111,7 @@ def converge_info(module):
                              "missing" % network["bridge"]})
     result = {
         "changed": False, "host": host, "networks": networks, "instances": instance_records,
-        "floating": store.list("floating"), "floating_ips": net_utils.top_records(store.list("floating_ips")),
+        "floating": store.list("floating"), "floating_ips": records.floating_ips(store),
         "domains": domains, "differences": problems,
     }
     if params["events"]:

@@ -1,0 +1,63 @@
+# -*- coding: utf-8 -*-
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Typed access to the cloud's records, so no runner builds a key path by hand.
+
+    networks/NAME         a network          instances/NAME      an instance
+    floating_ips/ADDRESS  a floating IP      ipam/NETWORK/IP     an address allocation
+    vni/VNI               a VNI allocation
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+NETWORKS, INSTANCES, FLOATING_IPS = "networks", "instances", "floating_ips"
+
+
+def network_key(name):
+    return "%s/%s" % (NETWORKS, name)
+
+
+def instance_key(name):
+    return "%s/%s" % (INSTANCES, name)
+
+
+def floating_ip_key(address):
+    return "%s/%s" % (FLOATING_IPS, address)
+
+
+def ipam_key(network, address):
+    return "ipam/%s/%s" % (network, address)
+
+
+def vni_key(vni):
+    return "vni/%d" % vni
+
+
+def top_records(listing):
+    """Only the direct children of a ``Store.list`` answer (nested keys belong to other records)."""
+    return {key: value for key, value in (listing or {}).items() if "/" not in key.strip("/")}
+
+
+def networks(store):
+    """``{name: record}`` of every network."""
+    return top_records(store.list(NETWORKS))
+
+
+def instances(store):
+    """``{name: record}`` of every instance."""
+    return top_records(store.list(INSTANCES))
+
+
+def floating_ips(store):
+    """``{address: record}`` of every floating IP."""
+    return top_records(store.list(FLOATING_IPS))
+
+
+def holder(store, key):
+    """The owner of the allocation at ``key``, or None when the value is free."""
+    taken = store.get(key)
+    if taken is None:
+        return None
+    return taken.get("owner") if isinstance(taken, dict) else taken

@@ -3,7 +3,7 @@
 Builds a qcow2 image (default 160 MiB) of repeated random blocks, sparse zero runs and some fresh
 random data, xz-compresses it, serves it over loopback HTTP and fetches it, alternating, with
 
-  * the module's code path (images.converge_image in-process: download, sha256 of the bytes
+  * the module's code path (images.run in-process: download, sha256 of the bytes
     served, decompression, sha256 of the result, sparse write, qemu-img info, rename, metadata);
   * the baseline a user would otherwise run: curl -s URL | xz -d | tee OUT | sha256sum.
 
@@ -124,11 +124,11 @@ def cpu_seconds():
 
 
 def run_module(url, checksum, cache_dir, force=False):
-    """Wall and CPU seconds of one converge_image, and its result."""
+    """Wall and CPU seconds of one images.run, and its result."""
     start, cpu = time.perf_counter(), cpu_seconds()
-    module = ModuleStub(images.IMAGE_ARGS, url=url, checksum=checksum, cache_dir=str(cache_dir), force=force,
+    module = ModuleStub(images.MODULE_SPEC, url=url, checksum=checksum, cache_dir=str(cache_dir), force=force,
                         retries=0)
-    result = images.converge_image(module)
+    result = images.run(module)
     return time.perf_counter() - start, cpu_seconds() - cpu, result
 
 

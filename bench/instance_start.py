@@ -1,20 +1,24 @@
 """Instance start from a warm image cache, and a no-change batch re-run, each against its baseline, in one run.
 
 1. start: from a cached image to "domain running"
-     module     the instance module's code path in-process (instances.converge: etcd listing, lock, MAC and
+     module     the instance module's code path in-process (instances.run: etcd listing, lock, MAC and
                 IP allocation, qemu-img overlay, seed ISO, define, start, record), without Ansible's start-up
      baseline   ``qemu-img create -f qcow2 -F qcow2 -b BASE`` + ``virsh define`` + ``virsh start``
    alternating, median of each; ratio = module / baseline (goal <= 1.3).
 2. rerun: N defined instances, nothing to change, both through ansible-playbook
      batch      one smallcloud.kvm.instance task with ``instances:`` (N entries)
      loop       community.libvirt.virt in a loop over the N names (what a playbook without batching does)
-   ratio = loop / batch (goal >= 10); also the batch's in-process time.
+     floor      ansible.builtin.ping: Ansible's per-task floor (AnsiballZ, Python, ansible.module_utils.basic)
+   one line per round; ratio = loop / batch (goal >= 10); also the batch's in-process time and what the
+   batch task's time consists of (floor task, module start-up beyond the floor, in-process work).
 
 Starts its own etcd (tests/harness), makes a scratch dir in /var/tmp, a bridge and a network record;
-removes all of it (domains, files, bridge, etcd) afterwards. Needs root and a running libvirtd.
+removes all of it (domains, files, bridge, etcd) afterwards. Needs root; uses the libvirtd that answers on
+qemu:///system, or starts virtlogd + libvirtd (tests/harness/libvirtd.py) and stops them at the end.
 
-    .venv/bin/python bench/instance_start.py            # 5 start rounds, 30 instances
+    .venv/bin/python bench/instance_start.py            # 5 start rounds, 30 instances, 3 re-run rounds
     .venv/bin/python bench/instance_start.py --quick    # 1 round, 3 instances (test_instance_bench.py)
+    .venv/bin/python bench/instance_start.py --rerun-only --rerun-rounds 3   # only the re-run comparison
     .venv/bin/python bench/instance_start.py --json
 """
 
@@ -36,11 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
+import libvirt  # noqa: E402
+import module_startup  # noqa: E402 - bench/module_startup.py, beside this file
 from harness import ansible as ansible_harness  # noqa: E402
 from harness.etcd import EtcdCluster  # noqa: E402
+from harness.libvirtd import Libvirtd  # noqa: E402
 from harness.module_stub import ModuleStub  # noqa: E402
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands, etcd_gateway  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import etcd_gateway  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store  # noqa: E402
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml  # noqa: E402
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances  # noqa: E402
 
@@ -73,7 +82,7 @@ class Bench(object):
         self.vni = random.randint(0xF00000, 0xFFFFFF)
         self.bridge = "br-%x" % self.vni
         subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
-        store = instances.Store.from_params(self.etcd_args())
+        store = Store.from_params(self.etcd_args())
         store.put("networks/lan", {"name": "lan", "cidr": CIDR, "vni": self.vni, "mtu": 1450, "dhcp": True,
                                    "dns_servers": [], "nat": False, "vteps": [], "gateway_vtep": None})
 
@@ -86,7 +95,7 @@ class Bench(object):
                       instances_dir=os.path.join(self.work, "instances"),
                       image_cache_dir=os.path.join(self.work, "cache"))
         params.update(extra)
-        return ModuleStub(instances.INSTANCE_ARGS, **params)
+        return ModuleStub(instances.MODULE_SPEC, **params)
 
     def module_args(self, **extra):
         """The same settings as task arguments."""
@@ -109,10 +118,10 @@ class Bench(object):
 def module_start(bench, name):
     """Seconds for the module's code path to bring ``name`` from nothing to running."""
     started = time.perf_counter()
-    result = instances.converge(bench.module(name=name))
+    result = instances.run(bench.module(name=name))
     elapsed = time.perf_counter() - started
     assert result["state"] == "running" and result["changed"], result
-    instances.converge(bench.module(name=name, state="absent"))
+    instances.run(bench.module(name=name, state="absent"))
     return elapsed
 
 
@@ -178,7 +187,8 @@ class Counted(object):
 
     def __enter__(self):
         self.etcd = self.commands = self.connections = 0
-        self.saved = (etcd_gateway.EtcdGateway.call, commands.run, instances.libvirt.open)
+        # libvirt.open on the libvirt module itself: whichever module_utils file opens the connection.
+        self.saved = (etcd_gateway.EtcdGateway.call, commands.run, libvirt.open)
         call, run, connect = self.saved
 
         def counted_call(gateway, path, payload):
@@ -193,41 +203,83 @@ class Counted(object):
             self.connections += 1
             return connect(*args)
 
-        etcd_gateway.EtcdGateway.call, commands.run, instances.libvirt.open = counted_call, counted_run, counted_open
+        etcd_gateway.EtcdGateway.call, commands.run, libvirt.open = counted_call, counted_run, counted_open
         return self
 
     def __exit__(self, *exc):
-        etcd_gateway.EtcdGateway.call, commands.run, instances.libvirt.open = self.saved
+        etcd_gateway.EtcdGateway.call, commands.run, libvirt.open = self.saved
 
 
-def measure_rerun(bench, count, rounds):
-    """N stopped instances re-run with nothing to change: one batch task vs community.libvirt.virt in a loop."""
+def measure_rerun(bench, count, rounds, report_round=None):
+    """N stopped instances re-run with nothing to change: one batch task vs community.libvirt.virt in a loop.
+
+    Each round runs the batch, the loop and ansible.builtin.ping (Ansible's per-task floor) once, in that order;
+    ``report_round(index, figures)`` is called after each round.
+    """
     names = ["%s-r%02d" % (bench.tag, index) for index in range(count)]
     batch_args = bench.module_args(state="stopped", instances=[{"name": name} for name in names])
-    created = instances.converge(bench.module(state="stopped", instances=[{"name": n} for n in names]))
+    created = instances.run(bench.module(state="stopped", instances=[{"name": n} for n in names]))
     assert created["changed"], created
     with Counted() as counted:
         started = time.perf_counter()
-        again = instances.converge(bench.module(state="stopped", instances=[{"name": n} for n in names]))
+        again = instances.run(bench.module(state="stopped", instances=[{"name": n} for n in names]))
         in_process = time.perf_counter() - started
     assert not again["changed"], again["actions"]
     batch_task = {"name": "batch", "smallcloud.kvm.instance": batch_args}
     loop_task = {"name": "loop", "community.libvirt.virt": {"name": "{{ item }}", "state": "shutdown",
                                                             "uri": URI}, "loop": names}
-    times = {"batch": [], "loop": [], "batch_wall": [], "loop_wall": []}
-    for _round in range(rounds):
-        for kind, task in (("batch", batch_task), ("loop", loop_task)):
+    floor_task = {"name": "floor", "ansible.builtin.ping": {}}
+    kinds = ("batch", "loop", "floor")
+    times = dict((key, []) for kind in kinds for key in (kind, kind + "_wall"))
+    for index in range(rounds):
+        for kind, task in zip(kinds, (batch_task, loop_task, floor_task)):
             task_s, wall_s, run = playbook_seconds(task)
             assert run.changed_count() == 0, "the %s re-run changed something" % kind
             times[kind].append(task_s)
             times[kind + "_wall"].append(wall_s)
-    instances.converge(bench.module(state="absent", instances=[{"name": n} for n in names]))
+        if report_round:
+            report_round(index, dict((key, values[-1]) for key, values in times.items()))
+    instances.run(bench.module(state="absent", instances=[{"name": n} for n in names]))
     best = dict((kind, min(values)) for kind, values in times.items())
+    ratios = [loop / batch for loop, batch in zip(times["loop"], times["batch"])]
+    wall_ratios = [loop / batch for loop, batch in zip(times["loop_wall"], times["batch_wall"])]
     return {"instances": count, "rounds": rounds, "batch_s": round(best["batch"], 3), "loop_s": round(best["loop"], 3),
             "ratio": round(best["loop"] / best["batch"], 1), "batch_wall_s": round(best["batch_wall"], 3),
             "loop_wall_s": round(best["loop_wall"], 3), "wall_ratio": round(best["loop_wall"] / best["batch_wall"], 1),
+            "floor_s": round(best["floor"], 3), "floor_wall_s": round(best["floor_wall"], 3),
+            "round_ratios": [round(ratio, 1) for ratio in ratios],
+            "round_wall_ratios": [round(ratio, 1) for ratio in wall_ratios],
+            "rounds_all": dict((key, [round(value, 3) for value in values]) for key, values in times.items()),
             "batch_in_process_s": round(in_process, 3), "batch_etcd_requests": counted.etcd,
             "batch_commands": counted.commands, "batch_libvirt_connections": counted.connections}
+
+
+def measure_startup(runs):
+    """The instance module's import start-up beyond ansible.module_utils.basic, as AnsiballZ ships it (zip)."""
+    collection = module_startup.COLLECTIONS / "ansible_collections" / "smallcloud" / "kvm"
+    work = tempfile.mkdtemp(prefix="sct-startup-")
+    try:
+        report = module_startup.measure(module_startup.MANAGED_PYTHON,
+                                        module_startup.payload_zip(work, collection.resolve()), ["instance"], runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if report["failed"]:
+        raise RuntimeError("the instance module does not import: %s" % report["failed"]["instance"])
+    figures = report["modules"]["instance"]
+    return {"floor_import_s": round(report["floor"]["total_us"] / 1e6, 3),
+            "import_s": round(figures["total_us"] / 1e6, 3),
+            "over_floor_s": round(figures["over_floor_us"] / 1e6, 3),
+            "etcd3gw_s": round(figures["deferred_us"] / 1e6, 3),
+            "packages_s": dict((name, round(us / 1e6, 3)) for name, us in
+                               sorted(figures["packages"].items(), key=lambda item: -item[1])[:8])}
+
+
+def print_round(index, figures, out=sys.stdout):
+    print("  round %d: batch %.3f s task (%.3f s playbook), loop %.3f s task (%.3f s playbook), ratio %.1f task "
+          "(%.1f playbook); floor (ping) %.3f s task" % (
+              index + 1, figures["batch"], figures["batch_wall"], figures["loop"], figures["loop_wall"],
+              figures["loop"] / figures["batch"], figures["loop_wall"] / figures["batch_wall"], figures["floor"]),
+          file=out, flush=True)
 
 
 def main(argv=None):
@@ -235,32 +287,73 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 start round, 3 instances, 1 re-run round")
     parser.add_argument("--rounds", type=int, default=5, help="start rounds per side")
     parser.add_argument("--instances", type=int, default=30, help="instances in the re-run batch")
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--rerun-rounds", type=int, default=3, help="re-run rounds (batch, loop, floor each)")
+    parser.add_argument("--rerun-only", action="store_true", help="skip the start comparison (quicker)")
+    parser.add_argument("--startup-runs", type=int, default=5,
+                        help="runs of the instance module's import start-up measure (0: skip)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout (round lines on stderr)")
     args = parser.parse_args(argv)
-    rounds, count, rerun_rounds = (1, 3, 1) if args.quick else (args.rounds, args.instances, 2)
+    if args.quick:
+        rounds, count, rerun_rounds, startup_runs = 1, 3, 1, 1
+    else:
+        rounds, count, rerun_rounds, startup_runs = args.rounds, args.instances, args.rerun_rounds, args.startup_runs
+    out = sys.stderr if args.json else sys.stdout
+    daemons = Libvirtd()  # the one that answers, else virtlogd + libvirtd started here and stopped at the end
     bench = Bench()
+    report = {}
     try:
-        report = {"start": measure_start(bench, rounds), "rerun": measure_rerun(bench, count, rerun_rounds)}
+        if not args.rerun_only:
+            report["start"] = measure_start(bench, rounds)
+            print_start(report["start"], out)
+        print("no-change re-run of %d instances (task time from the callback, playbook wall time)" % count,
+              file=out, flush=True)
+        report["rerun"] = measure_rerun(bench, count, rerun_rounds,
+                                        lambda index, figures: print_round(index, figures, out))
     finally:
         bench.cleanup()
+        daemons.stop()
+    if startup_runs:
+        report["startup"] = measure_startup(startup_runs)
     if args.json:
         print(json.dumps(report))
         return 0
-    start, rerun = report["start"], report["rerun"]
-    print("start from a warm cache to running (median of %d)" % start["rounds"])
-    print("  module   %.3f s" % start["module_s"])
-    print("  baseline %.3f s   (qemu-img create -b + virsh define + virsh start)" % start["baseline_s"])
-    print("  ratio    %.2f   (goal <= 1.3)" % start["ratio"])
-    print("no-change re-run of %d instances (best of %d; task time from the callback, playbook wall time)"
-          % (rerun["instances"], rerun["rounds"]))
-    print("  batch    %.3f s task, %.3f s playbook   (one smallcloud.kvm.instance task; in-process %.3f s)"
-          % (rerun["batch_s"], rerun["batch_wall_s"], rerun["batch_in_process_s"]))
-    print("  loop     %.3f s task, %.3f s playbook   (community.libvirt.virt over %d items)"
-          % (rerun["loop_s"], rerun["loop_wall_s"], rerun["instances"]))
-    print("  ratio    %.1f task, %.1f playbook   (goal >= 10)" % (rerun["ratio"], rerun["wall_ratio"]))
-    print("  the batch re-run made %d libvirt connection(s), %d etcd request(s), ran %d command(s)"
-          % (rerun["batch_libvirt_connections"], rerun["batch_etcd_requests"], rerun["batch_commands"]))
+    print_rerun(report["rerun"], report.get("startup"), out)
     return 0
+
+
+def print_start(start, out):
+    print("start from a warm cache to running (median of %d)" % start["rounds"], file=out)
+    print("  module   %.3f s" % start["module_s"], file=out)
+    print("  baseline %.3f s   (qemu-img create -b + virsh define + virsh start)" % start["baseline_s"], file=out)
+    print("  ratio    %.2f   (goal <= 1.3)" % start["ratio"], file=out, flush=True)
+
+
+def print_rerun(rerun, startup, out):
+    print("  best of %d rounds:" % rerun["rounds"], file=out)
+    print("  batch    %.3f s task, %.3f s playbook   (one smallcloud.kvm.instance task; in-process %.3f s)"
+          % (rerun["batch_s"], rerun["batch_wall_s"], rerun["batch_in_process_s"]), file=out)
+    print("  loop     %.3f s task, %.3f s playbook   (community.libvirt.virt over %d items)"
+          % (rerun["loop_s"], rerun["loop_wall_s"], rerun["instances"]), file=out)
+    print("  floor    %.3f s task, %.3f s playbook   (ansible.builtin.ping: Ansible's per-task floor)"
+          % (rerun["floor_s"], rerun["floor_wall_s"]), file=out)
+    print("  ratio    %.1f task, %.1f playbook   (goal >= 10); per round: %s task, %s playbook" % (
+        rerun["ratio"], rerun["wall_ratio"], ", ".join("%.1f" % ratio for ratio in rerun["round_ratios"]),
+        ", ".join("%.1f" % ratio for ratio in rerun["round_wall_ratios"])), file=out)
+    print("  the batch re-run made %d libvirt connection(s), %d etcd request(s), ran %d command(s)"
+          % (rerun["batch_libvirt_connections"], rerun["batch_etcd_requests"], rerun["batch_commands"]), file=out)
+    if startup:
+        rest = rerun["batch_s"] - rerun["floor_s"] - startup["over_floor_s"] - rerun["batch_in_process_s"]
+        print("what the batch task's %.3f s consists of:" % rerun["batch_s"], file=out)
+        print("  %.3f s  Ansible's per-task floor (the ping task: AnsiballZ, Python, ansible.module_utils.basic)"
+              % rerun["floor_s"], file=out)
+        print("  %.3f s  the instance module's start-up beyond basic (-X importtime, AnsiballZ-like zip, median; "
+              "etcd3gw %.3f s of it)" % (startup["over_floor_s"], startup["etcd3gw_s"]), file=out)
+        print("  %.3f s  the converge itself, in-process (1 libvirt connection, 1 etcd listing)"
+              % rerun["batch_in_process_s"], file=out)
+        print("  %.3f s  the rest (argument validation of %d entries, result JSON, noise)" % (rest, rerun["instances"]),
+              file=out)
+        print("  biggest imports beyond basic: %s" % ", ".join(
+            "%s %.3f s" % item for item in startup["packages_s"].items()), file=out)
 
 
 if __name__ == "__main__":

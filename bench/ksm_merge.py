@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / ".cache" / "collections"))
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm  # noqa: E402
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import ksm, ksm_sysfs  # noqa: E402
 
 LOCK = Path("/run/lock/smallcloud-ksm-tests.lock")  # shared with the KSM tests: one tuner at a time
 BASELINE = "kernel_defaults"
@@ -84,17 +84,17 @@ def ksmd_cpu_seconds():
 
 def pace(preset):
     """Pages per second a preset lets ksmd scan."""
-    return ksm.PRESETS[preset]["pages_to_scan"] * 1000.0 / ksm.PRESETS[preset]["sleep_millisecs"]
+    return ksm_sysfs.PRESETS[preset]["pages_to_scan"] * 1000.0 / ksm_sysfs.PRESETS[preset]["sleep_millisecs"]
 
 
 def apply(sysfs_root, **settings):
     """Set KSM with the collection's own code (what the ksm module does)."""
-    return ksm.converge(dict(settings, sysfs_root=sysfs_root, persist=False, check_mode=False))
+    return ksm.converge(dict(settings, sysfs_root=sysfs_root, persist=False))
 
 
 def counter(sysfs_root, name):
     """A KSM counter, or None when this kernel lacks it."""
-    return ksm.read_all(sysfs_root).get(name)
+    return ksm_sysfs.read_all(sysfs_root).get(name)
 
 
 def watch(processes, window, total):
@@ -130,8 +130,8 @@ def measure(name, args, page_size):
     scanned = None if scanned_before is None else scanned_after - scanned_before
     return {
         "config": name,
-        "pages_to_scan": ksm.PRESETS[name]["pages_to_scan"],
-        "sleep_millisecs": ksm.PRESETS[name]["sleep_millisecs"],
+        "pages_to_scan": ksm_sysfs.PRESETS[name]["pages_to_scan"],
+        "sleep_millisecs": ksm_sysfs.PRESETS[name]["sleep_millisecs"],
         "merged_bytes": merged * page_size,
         # Page i of every worker merges into one KSM page: each group of WORKERS keeps one.
         "saved_bytes": merged * page_size * (args.workers - 1) // args.workers,
@@ -147,7 +147,7 @@ def measure(name, args, page_size):
 def run(args):
     """Every configuration in one run, then the ratios against the kernel's defaults."""
     page_size = os.sysconf("SC_PAGE_SIZE")
-    original = ksm.settings_view(ksm.read_all(args.sysfs_root))
+    original = ksm_sysfs.settings_view(ksm_sysfs.read_all(args.sysfs_root))
     results = []
     try:
         for name in [BASELINE] + sorted((p for p in args.presets if p != BASELINE), key=pace):
@@ -190,7 +190,7 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=float, default=60.0, help="seconds each configuration runs (default 60)")
     parser.add_argument("--workers", type=int, default=4, help="processes holding mergeable pages (default 4)")
     parser.add_argument("--mib", type=int, default=128, help="MiB of mergeable pages per worker (default 128)")
-    parser.add_argument("--presets", nargs="+", default=sorted(ksm.PRESETS), choices=sorted(ksm.PRESETS),
+    parser.add_argument("--presets", nargs="+", default=sorted(ksm_sysfs.PRESETS), choices=sorted(ksm_sysfs.PRESETS),
                         help="presets to measure besides the kernel defaults (default: all)")
     parser.add_argument("--quick", action="store_true", help="3 s windows, 2 workers x 1 MiB: proves the bench works")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")

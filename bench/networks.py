@@ -4,7 +4,7 @@ Starts its own etcd (tests/harness EtcdCluster, temporary data dir) and a scratc
 namespace with an underlay veth; everything is removed afterwards. In one run it measures:
   baseline   plain iproute2 per network (ip link add vxlan + bridge, master, up, bridge fdb append x2):
              what a hand-written script does, with no state, no checks, no etcd
-  create@N   networks.converge in-process for N new networks (etcd record, VNI allocation, lock, observe,
+  create@N   networks.run in-process for N new networks (etcd record, VNI allocation, lock, observe,
              plan, apply), for N = 100 and N = 200 (fresh each time)
   noop@200   the same converge again over the 200 networks, nothing to change
 and prints ms per network, the ratio create@200 / create@100 per network (1.0: cost grows linearly),
@@ -34,13 +34,12 @@ from harness.module_stub import ModuleStub  # noqa: E402
 from harness.netns import delete_netns  # noqa: E402
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks  # noqa: E402
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS  # noqa: E402
 
 PEERS = ["10.98.0.2", "10.98.0.3"]
 
 
 # Every option of the network module, defaults included, as AnsibleModule would fill them.
-NETWORK_SPEC = dict(ETCD_ARGS, **networks.NETWORK_ARGS)
+NETWORK_SPEC = networks.MODULE_SPEC
 
 
 def ip(*args):
@@ -85,7 +84,7 @@ def converge_all(common, count, state="present"):
     changed = 0
     start = time.perf_counter()
     for index in range(count):
-        result = networks.converge(ModuleStub(NETWORK_SPEC, **dict(
+        result = networks.run(ModuleStub(NETWORK_SPEC, **dict(
             common, name="b%d" % index, state=state, cidr="10.%d.%d.0/24" % (100 + index // 256, index % 256))))
         changed += bool(result["changed"])
     return time.perf_counter() - start, changed

@@ -24,6 +24,10 @@ def test_instance_bench_quick_mode_reports_ratios(libvirtd):
     for field in ("batch_s", "loop_s", "ratio", "batch_in_process_s"):
         assert report["rerun"][field] > 0, field
     assert report["rerun"]["instances"] == 3
+    assert report["rerun"]["floor_s"] > 0 and len(report["rerun"]["round_ratios"]) == 1
+    # bench/module_startup.py, run from the instance bench: the module imports, etcd3gw counted as a run loads it.
+    for field in ("import_s", "floor_import_s", "etcd3gw_s"):
+        assert report["startup"][field] > 0, field
     # Nothing to change: one libvirt connection, one etcd listing, no command.
     assert report["rerun"]["batch_libvirt_connections"] == 1
     assert report["rerun"]["batch_etcd_requests"] == 1

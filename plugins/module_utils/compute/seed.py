@@ -20,12 +20,8 @@ import shutil
 import tempfile
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.documents import has_yaml, load_yaml
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput, MissingLibrary
-
-try:
-    from ansible.module_utils.common.yaml import HAS_YAML, yaml_load
-except ImportError:  # pragma: no cover - ansible-core always ships it
-    HAS_YAML = False
 
 VOLUME_LABEL = "cidata"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -72,10 +68,10 @@ def check_user_data(text):
         raise InvalidInput("user_data must be text (cloud-config YAML or a #! script), got %r" % (text,))
     if text.startswith("#!"):
         return text if text.endswith("\n") else text + "\n"
-    if not HAS_YAML:
+    if not has_yaml():
         raise MissingLibrary("PyYAML is required to check user_data (Debian: python3-yaml)", library="PyYAML")
     try:
-        data = yaml_load(text)
+        data = load_yaml(text)
     except Exception as error:  # yaml's errors have no common importable base here
         raise InvalidInput("user_data is not valid YAML: %s" % error, user_data=text[:200]) from None
     if data is not None and not isinstance(data, dict):

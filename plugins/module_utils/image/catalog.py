@@ -14,12 +14,8 @@ __metaclass__ = type
 import json
 import re
 
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.documents import has_yaml, load_yaml
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
-
-try:
-    from ansible.module_utils.common.yaml import HAS_YAML, yaml_load
-except ImportError:  # pragma: no cover - ansible-core always ships it
-    HAS_YAML = False
 
 _DEBIAN = "https://cloud.debian.org/images/cloud/%s/latest/"
 _UBUNTU = "https://cloud-images.ubuntu.com/releases/%s/release/"
@@ -93,7 +89,7 @@ def load_file(path):
             "cannot read catalog_file %s: %s" % (path, error.strerror or error), catalog_file=path
         ) from error
     try:
-        data = json.loads(text) if path.endswith(".json") or not HAS_YAML else yaml_load(text)
+        data = json.loads(text) if path.endswith(".json") or not has_yaml() else load_yaml(text)
     except Exception as error:  # noqa: BLE001 - json and yaml raise different types; both mean bad input
         raise InvalidInput("catalog_file %s is not valid YAML/JSON: %s" % (path, error), catalog_file=path) from error
     if data is None:

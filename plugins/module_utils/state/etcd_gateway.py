@@ -13,21 +13,12 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import base64
+import importlib.util
 import json
 import os
 import re
 
 from urllib.parse import urlsplit
-
-try:
-    from etcd3gw import exceptions as etcd3gw_exceptions
-    from etcd3gw.client import Etcd3Client
-
-    HAS_ETCD3GW = True
-except ImportError:
-    etcd3gw_exceptions = None
-    Etcd3Client = None
-    HAS_ETCD3GW = False
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
     InvalidInput,
@@ -36,6 +27,31 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import 
     StoreError,
     StoreUnreachable,
 )
+
+# etcd3gw brings requests, urllib3 and pbr (which reads etcd3gw's version through importlib_metadata, or through
+# pkg_resources where that backport is missing): 0.1-0.2 s of a module's start-up. Here it is only looked for;
+# it is imported when the first EtcdGateway is made (``load_etcd3gw``), so code that never reaches etcd (helpers
+# such as b64, a task failing on its input) does not pay for it.
+HAS_ETCD3GW = importlib.util.find_spec("etcd3gw") is not None
+etcd3gw_exceptions = None
+Etcd3Client = None
+
+
+def load_etcd3gw():
+    """Import etcd3gw's client and exceptions once; MissingLibrary when it is absent or cannot be imported."""
+    global etcd3gw_exceptions, Etcd3Client  # noqa: PLW0603 - the module-level names, bound on first use
+    missing = "the etcd3gw Python library is required to use the etcd state store"
+    if not HAS_ETCD3GW:
+        raise MissingLibrary(missing, library="etcd3gw")
+    if Etcd3Client is not None:
+        return
+    try:
+        from etcd3gw import exceptions  # noqa: PLC0415 - see HAS_ETCD3GW
+        from etcd3gw.client import Etcd3Client as client_class  # noqa: PLC0415
+    except ImportError as error:
+        raise MissingLibrary("%s (%s)" % (missing, error), library="etcd3gw") from None
+    etcd3gw_exceptions, Etcd3Client = exceptions, client_class
+
 
 API_PATH = "/v3/"  # etcd >= 3.4; etcd3gw 2.0.0 defaults to the older /v3alpha/
 DEFAULT_PORT = 2379
@@ -174,10 +190,7 @@ class EtcdGateway(object):
     """POSTs JSON to etcd's gateway on the first endpoint that answers; no I/O until the first call."""
 
     def __init__(self, endpoints, *, ca_cert=None, cert=None, key=None, user=None, password=None, timeout=10):
-        if not HAS_ETCD3GW:
-            raise MissingLibrary(
-                "the etcd3gw Python library is required to use the etcd state store", library="etcd3gw"
-            )
+        load_etcd3gw()
         tls = bool(ca_cert or cert)
         self.endpoints = parse_endpoints(endpoints, tls=tls)
         self._check_files(etcd_ca_cert=ca_cert, etcd_cert=cert, etcd_key=key)

@@ -101,13 +101,13 @@ def run(quick, on_disk=False):
         store = Store.from_params({"etcd_endpoints": [endpoint], "etcd_prefix": PREFIX})
         results = {"quick": quick, "rounds": rounds, "etcd": store.status()["version"], "data_dir": workdir, "runs": []}
         for clients, count in sorted(per_client.items()):
-            samples = dict((kind, []) for kind in KINDS)
+            samples = {kind: [] for kind in KINDS}
             for _round in range(rounds):
                 for kind in KINDS:
                     samples[kind].append(measure(endpoint, kind, clients, count))
                     for folder in ("puts", "ipam", "vni"):
                         store.delete_prefix(folder)
-            rates = dict((kind, statistics.median(values)) for kind, values in samples.items())
+            rates = {kind: statistics.median(values) for kind, values in samples.items()}
             results["runs"].append(
                 {
                     "clients": clients,

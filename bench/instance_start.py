@@ -62,7 +62,7 @@ def virsh(*args, check=True):
     return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, check=check, timeout=300)
 
 
-class Bench(object):
+class Bench:
     """Scratch dir, etcd, bridge and network record; cleanup() removes everything."""
 
     def __init__(self):
@@ -182,7 +182,7 @@ def playbook_seconds(task):
     return iso_seconds(duration["end"]) - iso_seconds(duration["start"]), elapsed, run
 
 
-class Counted(object):
+class Counted:
     """Counts etcd requests, commands and libvirt connections made inside the ``with`` block."""
 
     def __enter__(self):
@@ -230,7 +230,7 @@ def measure_rerun(bench, count, rounds, report_round=None):
                                                             "uri": URI}, "loop": names}
     floor_task = {"name": "floor", "ansible.builtin.ping": {}}
     kinds = ("batch", "loop", "floor")
-    times = dict((key, []) for kind in kinds for key in (kind, kind + "_wall"))
+    times = {key: [] for kind in kinds for key in (kind, kind + "_wall")}
     for index in range(rounds):
         for kind, task in zip(kinds, (batch_task, loop_task, floor_task)):
             task_s, wall_s, run = playbook_seconds(task)
@@ -238,9 +238,9 @@ def measure_rerun(bench, count, rounds, report_round=None):
             times[kind].append(task_s)
             times[kind + "_wall"].append(wall_s)
         if report_round:
-            report_round(index, dict((key, values[-1]) for key, values in times.items()))
+            report_round(index, {key: values[-1] for key, values in times.items()})
     instances.run(bench.module(state="absent", instances=[{"name": n} for n in names]))
-    best = dict((kind, min(values)) for kind, values in times.items())
+    best = {kind: min(values) for kind, values in times.items()}
     ratios = [loop / batch for loop, batch in zip(times["loop"], times["batch"])]
     wall_ratios = [loop / batch for loop, batch in zip(times["loop_wall"], times["batch_wall"])]
     return {"instances": count, "rounds": rounds, "batch_s": round(best["batch"], 3), "loop_s": round(best["loop"], 3),
@@ -249,7 +249,7 @@ def measure_rerun(bench, count, rounds, report_round=None):
             "floor_s": round(best["floor"], 3), "floor_wall_s": round(best["floor_wall"], 3),
             "round_ratios": [round(ratio, 1) for ratio in ratios],
             "round_wall_ratios": [round(ratio, 1) for ratio in wall_ratios],
-            "rounds_all": dict((key, [round(value, 3) for value in values]) for key, values in times.items()),
+            "rounds_all": {key: [round(value, 3) for value in values] for key, values in times.items()},
             "batch_in_process_s": round(in_process, 3), "batch_etcd_requests": counted.etcd,
             "batch_commands": counted.commands, "batch_libvirt_connections": counted.connections}
 
@@ -270,8 +270,8 @@ def measure_startup(runs):
             "import_s": round(figures["total_us"] / 1e6, 3),
             "over_floor_s": round(figures["over_floor_us"] / 1e6, 3),
             "etcd3gw_s": round(figures["deferred_us"] / 1e6, 3),
-            "packages_s": dict((name, round(us / 1e6, 3)) for name, us in
-                               sorted(figures["packages"].items(), key=lambda item: -item[1])[:8])}
+            "packages_s": {name: round(us / 1e6, 3) for name, us in
+                               sorted(figures["packages"].items(), key=lambda item: -item[1])[:8]}}
 
 
 def print_round(index, figures, out=sys.stdout):

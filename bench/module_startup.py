@@ -68,7 +68,7 @@ if gateway is not None and hasattr(gateway, "load_etcd3gw"):
 LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 
-class Node(object):
+class Node:
     """One line of ``-X importtime``: a module, its own and cumulative microseconds, and what it imported."""
 
     def __init__(self, name, self_us, cumulative_us, children):
@@ -169,7 +169,7 @@ def ansible_module_utils():
 
 
 def clean_env(pythonpath):
-    env = dict((key, value) for key, value in os.environ.items() if not key.startswith("PYTHON"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env["PYTHONPATH"] = pythonpath
     env["ANSIBLE_COLLECTIONS_PATH"] = str(COLLECTIONS)
     return env
@@ -201,10 +201,10 @@ def median_of(samples):
     names = set()
     for sample in samples:
         names.update(sample["packages"])
-    packages = dict((name, statistics.median(sample["packages"].get(name, 0) for sample in samples))
-                    for name in names)
-    figures = dict((key, statistics.median(sample[key] for sample in samples))
-                   for key in ("total_us", "floor_us", "own_us", "deferred_us", "process_us"))
+    packages = {name: statistics.median(sample["packages"].get(name, 0) for sample in samples)
+                    for name in names}
+    figures = {key: statistics.median(sample[key] for sample in samples)
+                   for key in ("total_us", "floor_us", "own_us", "deferred_us", "process_us")}
     figures["packages"] = packages
     figures["all_total_us"] = [sample["total_us"] for sample in samples]
     return figures
@@ -222,7 +222,7 @@ def measure(python, pythonpath, modules, runs):
     if FLOOR in failed:
         raise SystemExit("%s cannot import %s: %s" % (python, FLOOR, failed[FLOOR]))
     targets = [target for target in targets if target not in failed]
-    samples = dict((target, []) for target in targets)
+    samples = {target: [] for target in targets}
     for _run in range(runs):
         for target in targets:
             samples[target].append(one_import(python, pythonpath, target))
@@ -239,7 +239,7 @@ def measure(python, pythonpath, modules, runs):
         # Each run's module against the floor measured just before it, in the same round: drift cancels.
         figures["ratio"] = round(statistics.median(sample["total_us"] / base["total_us"]
                                                    for sample, base in zip(module_samples, samples[FLOOR])), 2)
-        figures["watched"] = dict((package, figures["packages"].get(package, 0)) for package in WATCHED)
+        figures["watched"] = {package: figures["packages"].get(package, 0) for package in WATCHED}
         report["modules"][name] = figures
     return report
 

@@ -303,7 +303,7 @@ def build_initramfs(busybox, module_root, modules, index):
         for name in modules).encode(), 0o644)
     files[f"{kernel_dir}/modules.alias"] = ("".join(
         f"alias {alias} {name}\n" for name in modules for alias in index[name][2]).encode(), 0o644)
-    links = {path: "/bin/busybox" for path in busybox_applets(busybox)}
+    links = dict.fromkeys(busybox_applets(busybox), "/bin/busybox")
     links["init"] = "/bin/busybox"
     archive = Cpio()
     empty_dirs = ["dev", "proc", "sys", "tmp", "run", "mnt", "root", "www", "var/log", "usr/bin", "usr/sbin"]

@@ -168,7 +168,7 @@ def test_batch_converges_many_and_reruns_unchanged(cloud, ansible):
     ])
     created = ansible.run_module("instance", batch)
     assert created["changed"] is True and not created.get("failed"), created.get("msg")
-    by_name = dict((item["name"], item) for item in created["instances"])
+    by_name = {item["name"]: item for item in created["instances"]}
     assert by_name[names[1]]["ips"] == ["10.213.0.50"] and by_name[names[2]]["ips"] == []
     assert all(domain_state(name) == "shut off" for name in names)
 
@@ -185,7 +185,7 @@ def test_batch_converges_many_and_reruns_unchanged(cloud, ansible):
     seed_before = os.stat(seed).st_mtime_ns
     updated = ansible.run_module("instance", changed, diff=True)
     assert updated["changed"] is True and not updated.get("failed"), updated.get("msg")
-    by_name = dict((item["name"], item) for item in updated["instances"])
+    by_name = {item["name"]: item for item in updated["instances"]}
     assert by_name[names[0]]["changed"] and not by_name[names[1]]["changed"]
     assert os.path.exists(os.path.join(cloud.instances_dir, names[0], "ephemeral-0.qcow2"))
     assert os.stat(seed).st_mtime_ns != seed_before
@@ -287,7 +287,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(cloud, ansible):
         args.update(BAD_INPUTS[case][0])
         tasks.append({"name": case, "smallcloud.kvm.instance": args, "ignore_errors": True})
     run = ansible.run_tasks(tasks)
-    results = dict((result["_task"], result) for result in run.results())
+    results = {result["_task"]: result for result in run.results()}
     for case, name in zip(cases, names):
         result, expected = results[case], BAD_INPUTS[case][1]
         assert result.get("failed"), (case, result)

@@ -199,8 +199,8 @@ def test_parallel_allocations_are_distinct_and_all_recorded(store, etcd, kind, f
     assert errors == []
     assert len(values) == WORKERS * PER_WORKER
     assert len({value for _owner, value in values}) == WORKERS * PER_WORKER
-    recorded = dict((key, record["owner"]) for key, record in store.list(folder).items())
-    assert recorded == dict((str(value), owner) for owner, value in values)
+    recorded = {key: record["owner"] for key, record in store.list(folder).items()}
+    assert recorded == {str(value): owner for owner, value in values}
 
 
 def test_parallel_demand_larger_than_the_pool(store, etcd):

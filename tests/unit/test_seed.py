@@ -104,7 +104,7 @@ def test_qcow2_header_is_read_without_qemu_img(tmp_path):
     assert disks.qcow2_header(str(raw)) is None and disks.virtual_size(str(raw)) == 4096
 
 
-BASE = {key: None for key in instances.INSTANCE_OPTIONS}
+BASE = dict.fromkeys(instances.INSTANCE_OPTIONS)
 BASE.update(instances.DEFAULTS, image="/i.qcow2", instances=None, detected_virt_type=None)
 
 

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Instance disks: qcow2 overlays on cached images, fresh ephemeral disks, sizes (grown, never shrunk).
@@ -6,10 +5,6 @@
 Sizes of existing disks are read from the qcow2 header (no qemu-img run), so a re-run with nothing to
 change starts no process.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 import re
@@ -60,7 +55,7 @@ def qcow2_header(path):
             if backing_offset and backing_length:
                 handle.seek(backing_offset)
                 backing = handle.read(backing_length).decode("utf-8", "replace")
-    except (IOError, OSError) as error:
+    except OSError as error:
         raise HostError("cannot read disk %s: %s" % (path, error), path=path) from error
     return {"virtual_size": size, "backing_file": backing}
 

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Domain XML for an instance: build it, read libvirt's normalised definition back, compare field by field.
@@ -14,10 +13,6 @@ A spec (and an observation) is a dict::
      "disks": [{"device": "disk"|"cdrom", "target", "bus", "path", "format"}],
      "nics": [{"mac", "bridge", "model"}], "console_log": path}
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import xml.etree.ElementTree as ET
 
@@ -51,7 +46,7 @@ def disk_targets(count, prefix="vd"):
 
 def _sub(parent, tag, text=None, **attributes):
     """Append ``<tag attributes>text</tag>`` to ``parent`` and return it."""
-    element = ET.SubElement(parent, tag, dict((k, str(v)) for k, v in attributes.items()))
+    element = ET.SubElement(parent, tag, {k: str(v) for k, v in attributes.items()})
     if text is not None:
         element.text = str(text)
     return element

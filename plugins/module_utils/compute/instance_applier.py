@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The steps that change one instance. The planner queues them; each step that can be undone registers its
@@ -7,10 +6,6 @@ undo on the plan, so a creation that fails half way leaves no disk, domain, reco
 The applier holds what changes while the plan runs (the domain handle, the record, the seed digest) and
 is the one place that talks to libvirt, qemu-img and etcd on an instance's behalf.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import contextlib
 import os

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The desired definition of one instance: its files, disks, domain spec, seed and etcd record.
@@ -6,10 +5,6 @@
 Pure functions of what was asked for (``want``), where instances live, and the networks' bridges; the
 planner compares them with what is observed and the applier writes them.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 

@@ -1,12 +1,7 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """What one call of the ``instance`` module observes, once for the whole batch: the instance records, the
 domains on this host, the networks, the host's memory and the cached images. Nothing here changes anything."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 import socket

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Wanted + observed -> steps, for one instance. Everything is validated here, before any step runs.
@@ -7,10 +6,6 @@ Two plans per instance: ``shutdown`` (the ACPI request of a guest the batch stop
 before anything else so the waits overlap) and ``plan`` (everything else, in order). MACs and IPs are
 allocation steps whose values the later steps (seed, definition, record) read when they run.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import ipaddress
 import os

@@ -1,12 +1,7 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """What the ``instance`` module is asked for: its options, and every instance of a call validated and
 normalised before anything is observed (pure: no etcd, no libvirt, no host)."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import disks as disk_ops
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml
@@ -84,7 +79,7 @@ def parse_networks(entries, name):
     parsed = []
     for item in entries or []:
         entry = {"name": item} if isinstance(item, str) else item
-        if not isinstance(entry, dict) or set(entry) - set(["name", "ip"]) or not entry.get("name"):
+        if not isinstance(entry, dict) or set(entry) - {"name", "ip"} or not entry.get("name"):
             raise InvalidInput("instance %s: networks entry %r is not a network name or {name: NET, ip: ADDRESS}"
                                % (name, entry), network=entry)
         check_name("network", entry["name"])

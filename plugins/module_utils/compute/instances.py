@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runner of the ``instance`` module: validate every instance, observe, plan, apply.
@@ -21,10 +20,6 @@ allocations owned by ``instance/NAME``. Everything is validated before the first
 creation undoes what it did. A re-run with nothing to change runs no command and no etcd request beyond
 the one listing.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import contextlib
 

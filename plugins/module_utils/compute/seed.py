@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The cloud-init NoCloud seed of an instance: meta-data, user-data, network-config on an ISO labelled cidata.
@@ -7,10 +6,6 @@ The files are pure functions of the instance's settings (``seed_files``); their 
 instance's record, so a re-run knows whether the ISO is current without reading it. The ISO is built
 with ``genisoimage -V cidata -J -r`` into a temporary file and renamed into place.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import hashlib
 import json

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Argument specs shared by several modules; each matches a doc fragment of the same name.
@@ -6,10 +5,6 @@
 One option name for one thing in every module: the image cache is ``cache_dir`` and the networks'
 state directory ``state_dir`` everywhere (the older names stay as aliases).
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 # Matches plugins/doc_fragments/etcd.py.
 ETCD_ARGS = dict(

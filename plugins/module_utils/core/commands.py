@@ -1,11 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run host commands as argv lists (never through a shell) and raise CommandFailed with the output."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import subprocess
 

@@ -1,12 +1,7 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """YAML parsing on demand: PyYAML costs about 12 ms to import, which a module pays only when it reads YAML
 (user-data to check, a catalog file), not on every task."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import importlib.util
 

@@ -1,12 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Typed errors. Lower layers raise these; only a module's main() turns one into fail_json."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
-
 
 class SmallcloudError(Exception):
     """Base of every error the collection raises on purpose.
@@ -16,7 +10,7 @@ class SmallcloudError(Exception):
     """
 
     def __init__(self, msg, **details):
-        super(SmallcloudError, self).__init__(msg)
+        super().__init__(msg)
         self.msg = msg
         self.details = details
 

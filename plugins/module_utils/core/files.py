@@ -1,11 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Small text files the modules keep on hosts (dnsmasq hosts, tmpfiles.d): read, and replace atomically."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 
@@ -17,7 +12,7 @@ def read_text(path):
     try:
         with open(path) as handle:
             return handle.read()
-    except (IOError, OSError):
+    except OSError:
         return None
 
 
@@ -33,5 +28,5 @@ def write_text(path, text, mode=0o644):
             handle.write(text)
         os.chmod(temporary, mode)
         os.rename(temporary, path)
-    except (IOError, OSError) as error:
+    except OSError as error:
         raise HostError("cannot write %s: %s" % (path, error), path=path) from error

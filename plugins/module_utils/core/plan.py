@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Observe -> desired -> plan -> apply, with one check-mode gate.
@@ -15,10 +14,6 @@ and read it when they run, and the diff and result show it filled in after the a
 A step may register how to undo itself (``undo``); when a later step fails, ``apply`` undoes what
 ran, newest first, and re-raises the first error.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import contextlib
 

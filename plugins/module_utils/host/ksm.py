@@ -1,11 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runner of the ``ksm`` module: the wanted KSM settings planned against sysfs, then applied."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import SYSFS_ARGS, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.files import read_text, write_text

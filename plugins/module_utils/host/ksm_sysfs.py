@@ -1,14 +1,9 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Kernel samepage merging (KSM) in sysfs: read the tree, plan setting changes, persist them.
 
 Everything goes through ``sysfs_root`` (``/sys`` on a host, a temporary tree in unit tests).
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 
@@ -19,7 +14,7 @@ KSM_SUBDIR = os.path.join("kernel", "mm", "ksm")
 DEFAULT_PERSIST_PATH = "/etc/tmpfiles.d/smallcloud-ksm.conf"
 
 RUN_STATES = {"stopped": 0, "running": 1, "unmerge": 2}
-RUN_NAMES = dict((value, name) for name, value in RUN_STATES.items())
+RUN_NAMES = {value: name for name, value in RUN_STATES.items()}
 
 # Limits of what the kernel accepts (mm/ksm.c); sysfs takes unsigned ints.
 UINT_MAX = 2 ** 32 - 1
@@ -81,7 +76,7 @@ def read_all(sysfs_root):
         try:
             with open(full) as handle:
                 values[name] = _parse(handle.read())
-        except (IOError, OSError) as error:
+        except OSError as error:
             raise HostError("cannot read %s: %s" % (full, error), path=full) from error
     return values
 
@@ -109,8 +104,8 @@ def page_size():
 def info(sysfs_root):
     """Everything ksm_info reports: settings, counters and derived figures."""
     raw = read_all(sysfs_root)
-    counters = dict((k, v) for k, v in raw.items() if k in COUNTERS)
-    settings = dict((k, v) for k, v in raw.items() if k not in COUNTERS)
+    counters = {k: v for k, v in raw.items() if k in COUNTERS}
+    settings = {k: v for k, v in raw.items() if k not in COUNTERS}
     size = page_size()
     shared = counters.get("pages_shared", 0)
     sharing = counters.get("pages_sharing", 0)
@@ -190,7 +185,7 @@ def write_setting(directory, name, value):
     try:
         with open(path, "w") as handle:
             handle.write(text)
-    except (IOError, OSError) as error:
+    except OSError as error:
         raise HostError("writing %s to %s failed: %s" % (text, path, error), path=path, value=text) from error
 
 

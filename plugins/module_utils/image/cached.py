@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Images in the cache: resolve a request, observe its cache entry, plan and run a fetch.
@@ -8,10 +7,6 @@ against the expected digest (retried up to ``retries`` times), converted with qe
 source is not yet in the wanted format, then renamed into place with its metadata. Everything for
 one entry happens under the entry's lock, so concurrent runs for one URL download once.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import contextlib
 import os
@@ -43,7 +38,7 @@ SKIP = "skip"
 BACKOFF = (0.2, 1.0, 3.0, 5.0)
 
 
-class ImageRequest(object):
+class ImageRequest:
     """The validated request: url, expected checksum (or skip / checksum_url), format, limits."""
 
     def __init__(self, params):

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The image catalog: shorthand names (``debian:12``) -> upstream URL and published checksum file.
@@ -6,10 +5,6 @@
 Users extend or override the built-in table with a mapping (module option ``catalog``) and/or a
 YAML or JSON file (``catalog_file``); the task's mapping wins over the file, the file over the table.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import json
 import re
@@ -76,7 +71,7 @@ def normalize_entry(name, entry, origin):
             name=name,
             allowed=list(ENTRY_KEYS),
         )
-    return dict((key, entry[key]) for key in ENTRY_KEYS if entry.get(key) is not None)
+    return {key: entry[key] for key in ENTRY_KEYS if entry.get(key) is not None}
 
 
 def load_file(path):
@@ -84,7 +79,7 @@ def load_file(path):
     try:
         with open(path) as handle:
             text = handle.read()
-    except (IOError, OSError) as error:
+    except OSError as error:
         raise InvalidInput(
             "cannot read catalog_file %s: %s" % (path, error.strerror or error), catalog_file=path
         ) from error

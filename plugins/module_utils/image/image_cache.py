@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The ``image_cache`` module's logic: list entries, verify them, prune unused and corrupt ones.
@@ -6,10 +5,6 @@
 An entry is never removed while an instance disk under ``instance_dirs`` has it in its backing
 chain (``qemu-img info --backing-chain``), whatever its age or state.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 import re
@@ -134,7 +129,7 @@ def _qcow2_files(instance_dirs):
                     with open(path, "rb") as handle:
                         if handle.read(4) == QCOW2_MAGIC:
                             yield path
-                except (IOError, OSError):
+                except OSError:
                     continue
 
 
@@ -205,7 +200,7 @@ def run(module):
     remove, kept = _removals(entries, params, max_age)
     plan = Plan()
     before = sorted(entry.name for entry, _info in entries)
-    gone = set(entry.name for entry, _info, _reason in remove)
+    gone = {entry.name for entry, _info, _reason in remove}
     plan.compare("entries", before, [name for name in before if name not in gone])
     for entry, info, reason in remove:
         plan.add("remove %s (%s): %s" % (entry.name, info["url"], reason), _remove_locked, entry)

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Image sources and checksums: http(s) and file URLs, conditional revalidation, SHA*SUMS files.
@@ -6,10 +5,6 @@
 The streaming pass itself (decompression, hashing, sparse writes) is in ``image_stream.py``;
 nothing here knows about the cache layout, which ``image_store.py`` owns.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import errno
 import email.utils
@@ -38,7 +33,7 @@ class DownloadError(HostError):
     """The source could not be read; ``transient`` errors (network, 5xx) are worth a retry."""
 
     def __init__(self, msg, transient=False, **details):
-        super(DownloadError, self).__init__(msg, **details)
+        super().__init__(msg, **details)
         self.transient = transient
 
 
@@ -50,7 +45,7 @@ class NotAnImage(HostError):
     """The source is an HTML page or other data that is not a disk image."""
 
 
-class Checksum(object):
+class Checksum:
     """An expected digest: ``algorithm`` (a hashlib name) and lower-case ``hexdigest``."""
 
     def __init__(self, algorithm, hexdigest):
@@ -152,7 +147,7 @@ def parse_sums(text, filename, sums_name=""):
 # Source ---------------------------------------------------------------------------------------
 
 
-class Source(object):
+class Source:
     """An open image source: ``read(n)``, ``close()``, validators (``etag``, ``last_modified``), ``length``."""
 
     def __init__(self, url, stream, **fields):
@@ -188,7 +183,7 @@ def _open_file(url):
     path = _file_path(url)
     try:
         handle = open(path, "rb")
-    except (IOError, OSError) as error:
+    except OSError as error:
         raise DownloadError("cannot read %s: %s" % (url, error.strerror or error), url=url) from error
     etag, last_modified = _file_validators(os.fstat(handle.fileno()))
     return Source(url, handle, etag=etag, last_modified=last_modified, length=os.fstat(handle.fileno()).st_size)
@@ -291,7 +286,7 @@ def fetch_text(url, timeout, limit=SUMS_LIMIT):
     source = open_source(url, timeout)
     try:
         data = source.read(limit + 1)
-    except (IOError, OSError, HTTPException) as error:
+    except (OSError, HTTPException) as error:
         raise DownloadError("reading %s failed: %s" % (url, error), transient=True, url=url) from error
     finally:
         source.close()

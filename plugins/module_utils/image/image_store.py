@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The image cache on disk: entries keyed by URL, their metadata, locks and qemu-img helpers.
@@ -10,10 +9,6 @@ Layout of ``cache_dir``::
     <sha256(url)>.lock            exists only while a run holds the entry's lock
     .<sha256(url)>.*.partial      a download or conversion in progress
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import errno
 import fcntl
@@ -41,7 +36,7 @@ def entry_key(url):
     return hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
-class Entry(object):
+class Entry:
     """One cached image: ``path``, ``meta_path`` and ``lock_path`` inside ``cache_dir``."""
 
     def __init__(self, cache_dir, key, image_format):
@@ -58,7 +53,7 @@ class Entry(object):
         try:
             with open(self.meta_path) as handle:
                 meta = json.load(handle)
-        except (IOError, OSError, ValueError):
+        except (OSError, ValueError):
             return None
         return meta if isinstance(meta, dict) else None
 
@@ -170,7 +165,7 @@ def check_writable(cache_dir):
         raise HostError("cache_dir %s is not writable (%s)" % (cache_dir, probe), cache_dir=cache_dir)
 
 
-class EntryLock(object):
+class EntryLock:
     """An exclusive fcntl lock on an entry's lock file, removed again on release.
 
     Removing a lock file is only safe because every taker checks, once it holds the lock, that the
@@ -203,7 +198,7 @@ class EntryLock(object):
     def _try_lock(self, fd):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (IOError, OSError) as error:
+        except OSError as error:
             if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return False
             raise HostError("cannot lock %s: %s" % (self.path, error.strerror), lock=self.path) from error

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """One streaming pass: read the source, hash the bytes as served, decompress, write sparsely.
@@ -12,10 +11,6 @@ Work overlaps across threads and processes so a fetch costs about what its slowe
 * Uncompressed data: a reader thread reads and hashes, the calling thread writes; when the
   checksum is sha256 the digest of what is served is also the digest of what is written.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import bz2
 import errno
@@ -147,7 +142,7 @@ def _pipe_stream(argv, chunks):
         finally:
             try:
                 process.stdin.close()
-            except (IOError, OSError):
+            except OSError:
                 pass
 
     feeder = threading.Thread(target=feed, name="decompress-feed")
@@ -193,7 +188,7 @@ def decompress(compression, chunks):
 # The pass -------------------------------------------------------------------------------------
 
 
-class _Served(object):
+class _Served:
     """The source as served: every read is counted and hashed with the checksum's algorithm."""
 
     def __init__(self, source, algorithm):
@@ -224,7 +219,7 @@ class _Served(object):
         return Checksum(self.hasher.name, self.hasher.hexdigest())
 
 
-class _Reader(object):
+class _Reader:
     """Reads ahead in a thread and hands chunks over a bounded queue."""
 
     def __init__(self, served):
@@ -269,7 +264,7 @@ class _Reader(object):
                 pass
 
 
-class SparseWriter(object):
+class SparseWriter:
     """Writes to a file, seeking over all-zero pieces so the file stays sparse; hashes what it writes."""
 
     def __init__(self, handle, hashed=True):
@@ -288,7 +283,7 @@ class SparseWriter(object):
                 self.handle.seek(len(piece), os.SEEK_CUR)
             else:
                 self.handle.write(piece)
-        except (IOError, OSError) as error:
+        except OSError as error:
             raise HostError("writing %s failed: %s" % (self.handle.name, error), path=self.handle.name) from error
         self.size += len(piece)
 
@@ -300,7 +295,7 @@ class SparseWriter(object):
             self.handle.close()
 
 
-class _WriterThread(object):
+class _WriterThread:
     """Runs a SparseWriter in its own thread, so hashing and writing overlap in-process decompression."""
 
     def __init__(self, writer):
@@ -335,7 +330,7 @@ class _WriterThread(object):
             raise self.error
 
 
-class FetchResult(object):
+class FetchResult:
     """What one pass produced: digests, byte counts, compression, validators and the first bytes."""
 
     def __init__(self, **fields):
@@ -413,7 +408,7 @@ def stream_to(source, handle, algorithm):
             error.digest = served.digest
             error.downloaded = served.count
             raise
-    except (IOError, OSError, HTTPException) as error:
+    except (OSError, HTTPException) as error:
         raise DownloadError(
             "reading %s failed after %d bytes: %s" % (source.url, served.count, error or type(error).__name__),
             transient=True,

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runner of the ``floating_ip`` module.
@@ -12,9 +11,7 @@ etcd: the allocation ``floating/POOL/ADDRESS`` (owner ``floating_ip:NETWORK/TARG
 ``floating_ips/ADDRESS`` = ``{"address", "pool", "network", "instance", "fixed_ip"}``.
 """
 
-from __future__ import absolute_import, division, print_function
 
-__metaclass__ = type
 
 import ipaddress
 

@@ -1,11 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Which instances a network serves: static DHCP leases from the instance records, and who is attached."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 import re

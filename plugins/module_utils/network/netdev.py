@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Links, bridge, VXLAN, FDB, addresses and routes in one network namespace, through pyroute2.
@@ -6,10 +5,6 @@
 ``NetDev(netns)`` opens netlink in the named namespace (``None``: the caller's own namespace, the
 host's root namespace on a hypervisor). Every method raises HostError naming the interface on failure.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import errno
 import os
@@ -44,7 +39,7 @@ def require_pyroute2():
         raise MissingLibrary("pyroute2 is required on the managed host (Debian: python3-pyroute2)", library="pyroute2")
 
 
-class NetDev(object):
+class NetDev:
     """A netlink handle on one namespace; use as a context manager."""
 
     def __init__(self, netns=None, netns_dir="/run/netns"):
@@ -94,8 +89,8 @@ class NetDev(object):
     def links(self):
         """``{name: summary}`` of every link: kind, index, mtu, up, master (name), vxlan settings."""
         raw = self._call("listing links", self.ipr.get_links)
-        names = dict((msg["index"], msg.get_attr("IFLA_IFNAME")) for msg in raw)
-        return dict((names[msg["index"]], _summary(msg, names.get)) for msg in raw)
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in raw}
+        return {names[msg["index"]]: _summary(msg, names.get) for msg in raw}
 
     def link(self, name):
         """The summary of link ``name`` (see links()), or None; asks for that one link only."""
@@ -202,7 +197,7 @@ class NetDev(object):
     def routes(self):
         """Sorted main-table IPv4 routes as (dst 'a.b.c.d/len', gateway or None, device name)."""
         links = self._call("listing links", self.ipr.get_links)
-        names = dict((msg["index"], msg.get_attr("IFLA_IFNAME")) for msg in links)
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in links}
         out = []
         for msg in self._call("listing routes", self.ipr.get_routes, family=2, table=254):
             dst = "%s/%d" % (msg.get_attr("RTA_DST") or "0.0.0.0", msg["dst_len"])  # noqa: S104 - a route, not a bind

@@ -1,14 +1,9 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """What runs inside a network's gateway namespace: the namespace itself, sysctls, nftables, dnsmasq.
 
 All commands are argv lists through module_utils.commands; ``netns=None`` means the caller's namespace.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import json
 import os

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runner of the ``network`` module: validate, observe, plan, apply.
@@ -19,10 +18,6 @@ etcd record ``networks/NAME``::
 Instances attach through ``instances/NAME`` records:
 ``{"name": ..., "interfaces": [{"network": NAME, "mac": "02:73:63:..", "ip": "10.0.0.5"}], ...}``.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import contextlib
 import ipaddress

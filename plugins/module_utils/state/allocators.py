@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Pure logic behind the allocators: value ranges, address arithmetic, MAC format, picking a free value.
@@ -6,10 +5,6 @@
 Nothing here talks to etcd; ``store.Store`` reads the taken set, asks ``pick_free`` for a candidate and
 claims it with one create-if-absent transaction.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import ipaddress
 import random
@@ -87,7 +82,7 @@ def pool_key(cidr):
     return str(AddressPool(cidr).network).replace("/", "_")
 
 
-class AddressPool(object):
+class AddressPool:
     """The assignable IPv4 addresses of a CIDR: every host but the network, gateway and broadcast addresses.
 
     The gateway is the first host address (``.1`` of a /24). Offsets number the assignable

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Requests to etcd's JSON gateway (/v3/) through etcd3gw, with endpoint failover, TLS and auth.
@@ -7,10 +6,6 @@ etcd3gw talks to one host; ``EtcdGateway`` keeps one etcd3gw client per endpoint
 one that answered and moves on to the next when one does not answer. etcd3gw 2.0.0 has no
 authentication, so a token from ``auth/authenticate`` is sent as the ``Authorization`` header.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import base64
 import importlib.util
@@ -64,7 +59,7 @@ _AUTH_MESSAGES = ("user name is empty", "authentication failed", "invalid auth t
 _TOKEN_EXPIRED = "invalid auth token"  # noqa: S105 - an etcd error text, not a secret
 
 
-class Endpoint(object):
+class Endpoint:
     """One etcd client URL, split into scheme, host and port."""
 
     def __init__(self, scheme, host, port):
@@ -181,12 +176,12 @@ class _EndpointDown(Exception):
     """This endpoint did not answer; the next one may."""
 
     def __init__(self, reason, tls=False):
-        super(_EndpointDown, self).__init__(reason)
+        super().__init__(reason)
         self.reason = reason
         self.tls = tls
 
 
-class EtcdGateway(object):
+class EtcdGateway:
     """POSTs JSON to etcd's gateway on the first endpoint that answers; no I/O until the first call."""
 
     def __init__(self, endpoints, *, ca_cert=None, cert=None, key=None, user=None, password=None, timeout=10):
@@ -243,7 +238,7 @@ class EtcdGateway(object):
     def _unreachable(self, failures):
         """StoreUnreachable (or StoreAuthError when TLS failed) naming every endpoint tried and why."""
         tried = [endpoint.url for endpoint, _down in failures]
-        reasons = dict((endpoint.url, down.reason) for endpoint, down in failures)
+        reasons = {endpoint.url: down.reason for endpoint, down in failures}
         listing = "; ".join("%s: %s" % (url, reasons[url]) for url in tried)
         if any(down.tls for _endpoint, down in failures):
             return StoreAuthError("TLS handshake with etcd failed (%s)" % listing, endpoints=tried, errors=reasons)

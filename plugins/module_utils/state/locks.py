@@ -1,11 +1,6 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Locks on etcd leases: the lock key lives as long as its lease, so a killed holder frees it after the TTL."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import json
 import os
@@ -25,7 +20,7 @@ def holder_id():
     return "%s:%d" % (socket.gethostname(), os.getpid())
 
 
-class Lock(object):
+class Lock:
     """An exclusive lock on ``key``, held through an etcd lease of ``ttl`` seconds renewed in the background.
 
     Use as a context manager (``with store.lock("network/web"):``) or call acquire()/release().

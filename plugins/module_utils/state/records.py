@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Typed access to the cloud's records, so no runner builds a key path by hand.
@@ -8,12 +7,7 @@
     vni/VNI               a VNI allocation
 """
 
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
-
 NETWORKS, INSTANCES, FLOATING_IPS = "networks", "instances", "floating_ips"
-
 
 def network_key(name):
     return "%s/%s" % (NETWORKS, name)

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The cloud's state store: JSON records, allocators, locks and event logs in etcd.
@@ -44,10 +43,6 @@ Errors are the typed ones of errors.py: StoreUnreachable (every endpoint tried, 
 StoreAuthError (credentials or TLS refused), PoolExhausted (``pool`` names it), Conflict (``owner``
 names the holder), LockTimeout (``lock`` and ``holder``), InvalidInput (a bad name, CIDR, VNI, MAC).
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import datetime
 import json
@@ -148,7 +143,7 @@ def _owner_of(record):
     return record.get("owner") if isinstance(record, dict) else record
 
 
-class Store(object):
+class Store:
     """JSON records under one etcd prefix, with allocators, locks and event logs."""
 
     def __init__(self, gateway, prefix=DEFAULT_PREFIX, events_max=EVENTS_MAX):
@@ -270,10 +265,10 @@ class Store(object):
     def list(self, path_prefix):
         """``{relative_path: value}`` for every key below the folder ``path_prefix``."""
         folder = self.folder(path_prefix)
-        return dict(
-            (unb64(kv["key"]).decode("utf-8")[len(folder) :], self._decode(kv))
+        return {
+            unb64(kv["key"]).decode("utf-8")[len(folder) :]: self._decode(kv)
             for kv in self._range(folder, range_end(folder))
-        )
+        }
 
     def keys(self, path_prefix):
         """The relative paths below the folder ``path_prefix``, sorted (values are not fetched)."""

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The ``cloud_info`` module's logic: what etcd records next to what this host runs, differences flagged.
@@ -7,10 +6,6 @@ Read-only. One etcd listing per folder (networks, instances, floating, optionall
 libvirt connection; a record or a host object that has no counterpart, or disagrees with it, becomes an
 entry of ``differences``: ``{"kind", "name", "problem"}``.
 """
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
 
 import os
 import socket

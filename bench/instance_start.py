@@ -270,8 +270,8 @@ def measure_startup(runs):
             "import_s": round(figures["total_us"] / 1e6, 3),
             "over_floor_s": round(figures["over_floor_us"] / 1e6, 3),
             "etcd3gw_s": round(figures["deferred_us"] / 1e6, 3),
-            "packages_s": {name: round(us / 1e6, 3) for name, us in
-                               sorted(figures["packages"].items(), key=lambda item: -item[1])[:8]}}
+            "packages_s": {name: round(us / 1e6, 3)
+                           for name, us in sorted(figures["packages"].items(), key=lambda item: -item[1])[:8]}}
 
 
 def print_round(index, figures, out=sys.stdout):

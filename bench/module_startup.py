@@ -201,10 +201,9 @@ def median_of(samples):
     names = set()
     for sample in samples:
         names.update(sample["packages"])
-    packages = {name: statistics.median(sample["packages"].get(name, 0) for sample in samples)
-                    for name in names}
-    figures = {key: statistics.median(sample[key] for sample in samples)
-                   for key in ("total_us", "floor_us", "own_us", "deferred_us", "process_us")}
+    packages = {name: statistics.median(sample["packages"].get(name, 0) for sample in samples) for name in names}
+    keys = ("total_us", "floor_us", "own_us", "deferred_us", "process_us")
+    figures = {key: statistics.median(sample[key] for sample in samples) for key in keys}
     figures["packages"] = packages
     figures["all_total_us"] = [sample["total_us"] for sample in samples]
     return figures
@@ -248,8 +247,9 @@ def print_table(payload, report, top):
     floor = report["floor"]
     print("%s payload: floor `import %s` %.1f ms, %.0f ms process"
           % (payload, FLOOR, floor["total_us"] / 1e3, floor["process_us"] / 1e3))
-    print("  %-12s %11s %10s %8s %10s %10s  %s" % ("module", "start-up ms", "etcd3gw ms", "x floor", "over floor",
-                                                    "process ms", "contributors beyond basic, inclusive ms"))
+    columns = ("module", "start-up ms", "etcd3gw ms", "x floor", "over floor", "process ms",
+               "contributors beyond basic, inclusive ms")
+    print("  %-12s %11s %10s %8s %10s %10s  %s" % columns)
     for name, figures in sorted(report["modules"].items(), key=lambda item: -item[1]["total_us"]):
         biggest = sorted(figures["packages"].items(), key=lambda item: -item[1])[:top]
         listing = ", ".join("%s %.1f" % (package, us / 1e3) for package, us in biggest if us >= 500)

@@ -21,8 +21,8 @@ DAY = 86400
 
 def fetch(cache, source):
     """Cache ``source`` (a local file) the way the image module does; return its result."""
-    return images.run(ModuleStub(images.MODULE_SPEC, url=source.as_uri(), cache_dir=str(cache),
-                                            retries=0, timeout=10))
+    return images.run(ModuleStub(images.MODULE_SPEC, url=source.as_uri(), cache_dir=str(cache), retries=0,
+                                 timeout=10))
 
 
 def age(result, days):

@@ -126,8 +126,8 @@ class World:
 
     def in_place(self, address, fixed_ip="10.0.0.5", instance="web1", owner_target=None, host=True):
         """A floating IP recorded, allocated and (with ``host``) mapped on the gateway host."""
-        self.store.put("floating_ips/%s" % address, {"address": address, "pool": POOL, "network": "web",
-                                                      "instance": instance, "fixed_ip": fixed_ip})
+        record = {"address": address, "pool": POOL, "network": "web", "instance": instance, "fixed_ip": fixed_ip}
+        self.store.put("floating_ips/%s" % address, record)
         self.store.put("floating/203.0.113.0_24/%s" % address, {"owner": owner_of("web", owner_target or instance)})
         if host:
             self.nft.add(NS, svc.FLOATING_DNAT, dnat_comment(address, fixed_ip))

@@ -399,7 +399,7 @@ def test_refused(world, setup, options, error, named):
     planner = InstancePlanner(Observation(world.params, world.store, world.conn), world.want(**options))
     with pytest.raises(error) as caught:
         planner.build()
-    assert type(caught.value) is error
+    assert caught.type is error
     for key, value in named.items():
         found = [detail for name, detail in caught.value.details.items() if name == key or name.endswith(": " + key)]
         assert found and str(found[0]).endswith(str(value)), caught.value.details

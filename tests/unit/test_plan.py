@@ -175,7 +175,7 @@ def test_a_pending_read_before_its_step_ran_raises_naming_it():
     pending = Pending("allocate a MAC for network web")
     assert repr(pending) == NOT_YET
     with pytest.raises(RuntimeError, match="allocate a MAC for network web is read before"):
-        _ = pending.value
+        pending.value  # noqa: B018 - reading it is the test
 
 
 def test_a_step_reading_a_pending_of_a_later_step_fails_the_apply_and_undoes():

@@ -7,6 +7,7 @@ before anything else so the waits overlap) and ``plan`` (everything else, in ord
 allocation steps whose values the later steps (seed, definition, record) read when they run.
 """
 
+import contextlib
 import ipaddress
 import os
 import uuid
@@ -75,6 +76,12 @@ class InstancePlanner:
                                 % (self.name, self.model.root), name=self.name)
             return self.plan_create()
         return self.plan_update()
+
+    def lock(self):
+        """What a real apply holds: the instance's lock when the plan changes anything."""
+        if not self.plan.changed:
+            return contextlib.nullcontext()
+        return self.applier.holding_lock(self.creating)
 
     @property
     def changed(self):

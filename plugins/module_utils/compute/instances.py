@@ -21,7 +21,6 @@ creation undoes what it did. A re-run with nothing to change runs no command and
 the one listing.
 """
 
-import contextlib
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection import open_libvirt
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_observe import Observation
@@ -58,10 +57,7 @@ def run(module):
 
 def apply_one(planner, check_mode):
     """Apply one instance's plan, under its lock when it changes anything."""
-    hold = contextlib.nullcontext
-    if planner.plan.changed:
-        hold = lambda: planner.applier.holding_lock(planner.creating)  # noqa: E731
-    with Plan.held_while_applying(check_mode, hold), planner.applier.errors():
+    with Plan.held_while_applying(check_mode, planner.lock), planner.applier.errors():
         planner.plan.apply(check_mode)
 
 

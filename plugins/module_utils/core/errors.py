@@ -2,6 +2,7 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Typed errors. Lower layers raise these; only a module's main() turns one into fail_json."""
 
+
 class SmallcloudError(Exception):
     """Base of every error the collection raises on purpose.
 

@@ -11,8 +11,6 @@ etcd: the allocation ``floating/POOL/ADDRESS`` (owner ``floating_ip:NETWORK/TARG
 ``floating_ips/ADDRESS`` = ``{"address", "pool", "network", "instance", "fixed_ip"}``.
 """
 
-
-
 import ipaddress
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (

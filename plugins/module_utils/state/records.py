@@ -9,6 +9,7 @@
 
 NETWORKS, INSTANCES, FLOATING_IPS = "networks", "instances", "floating_ips"
 
+
 def network_key(name):
     return "%s/%s" % (NETWORKS, name)
 

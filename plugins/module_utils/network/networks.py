@@ -354,12 +354,13 @@ class NetworkRunner:
         if vni is None:
             return lambda: {"vni": None}
         attached = attached_instances(self.name, records.instances(self.store))
-        # An earlier task of this run deletes these; check mode only previewed that, so their records are
-        # still here. A real run reaches this point only after they are gone, so a record still here blocks.
-        attached = [name for name in attached if name not in self.params["departing_instances"]]
-        if attached:
-            raise Conflict("network %s still has instances attached: %s; delete or detach them first"
-                           % (self.name, ", ".join(attached)), instances=attached)
+        self.refuse_attached([name for name in attached if name not in self.params["departing_instances"]])
+        departing = [name for name in attached if name in self.params["departing_instances"]]
+        if departing:
+            # An earlier task of this run deletes these; check mode only previewed that, so their records are
+            # still here. A real run must find them gone before it changes anything.
+            self.plan.add("check that %s no longer use network %s" % (", ".join(departing), self.name),
+                          self.refuse_attached_now)
         names = device_names(vni, self.params["namespace_prefix"])
         vtep = self.local_vtep(names)
         want = dict(names, vni=vni, state_dir=os.path.join(self.params["state_dir"], names["namespace"]))
@@ -367,6 +368,16 @@ class NetworkRunner:
         if record is not None:
             self.plan_forget(record, vtep)
         return lambda: {"vni": vni, "bridge": names["bridge"], "namespace": names["namespace"]}
+
+    def refuse_attached(self, attached):
+        """Conflict naming the instances still attached to the network, if any."""
+        if attached:
+            raise Conflict("network %s still has instances attached: %s; delete or detach them first"
+                           % (self.name, ", ".join(attached)), instances=attached)
+
+    def refuse_attached_now(self):
+        """At apply time: no instance record may use the network any more."""
+        self.refuse_attached(attached_instances(self.name, records.instances(self.store)))
 
     def local_vtep(self, names):
         """This host's VTEP: from underlay_interface when given, else from the existing VXLAN link."""

@@ -102,7 +102,7 @@ options:
       - With O(state=absent) in check mode only, instances that an earlier task of the same run deletes.
         Check mode only previews that deletion, so their records still name the network; these names then
         do not block the preview of its removal.
-      - Outside check mode they must be gone by then: an instance record still there when the removal is applied
+      - Outside check mode they must be gone by then; an instance record still there when the removal is applied
         blocks O(state=absent) before anything is changed.
     type: list
     elements: str

@@ -93,7 +93,7 @@ class Bench:
         """The instance module's stand-in: the argument spec's defaults, the bench's paths, ``extra``."""
         params = dict(self.etcd_args(), image=self.base, memory=64, networks=["lan"], shutdown_timeout=0,
                       instances_dir=os.path.join(self.work, "instances"),
-                      image_cache_dir=os.path.join(self.work, "cache"))
+                      cache_dir=os.path.join(self.work, "cache"))
         params.update(extra)
         return ModuleStub(instances.MODULE_SPEC, **params)
 
@@ -101,7 +101,7 @@ class Bench:
         """The same settings as task arguments."""
         args = dict(self.etcd_args(), image=self.base, memory=64, networks=["lan"], shutdown_timeout=0,
                     instances_dir=os.path.join(self.work, "instances"),
-                    image_cache_dir=os.path.join(self.work, "cache"))
+                    cache_dir=os.path.join(self.work, "cache"))
         args.update(extra)
         return args
 

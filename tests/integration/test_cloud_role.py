@@ -2,6 +2,8 @@
 removes what is recorded but no longer declared (instance, network, floating IP) and leaves what is
 still declared untouched: same domain, same MAC and IP, same VNI, same floating address.
 
+The role's per-resource tags (`--tags cloud_networks`, ...) converge only that resource.
+
 Networks are made in this host's own namespace, as on a hypervisor (the demo does the same); the
 guests boot no OS. Teardown at the end must leave no record, domain, namespace or link.
 """
@@ -22,6 +24,9 @@ pytestmark = pytest.mark.integration
 POOL = "198.18.30.0/24"
 KEEP_NET = {"name": "prn-keep", "cidr": "10.126.0.0/24", "nat": True, "egress_pool": POOL}
 DROP_NET = {"name": "prn-drop", "cidr": "10.126.1.0/24"}
+TAG_NET = {"name": "tag-net", "cidr": "10.127.0.0/24"}
+# The domains these tests may make, which the fixture must find gone at the end.
+DOMAIN_PREFIXES = ("prn-", "tag-")
 ROLE_PLAY = [{"name": "cloud", "hosts": "localhost", "gather_facts": False, "roles": ["smallcloud.kvm.cloud"]}]
 
 
@@ -76,22 +81,22 @@ def world(etcd, kvm_device, http_server, ansible):
     os.mkdir(os.path.join(work, "served"))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(work, "served", "base.qcow2"), "64M"],
                    check=True)
-    before = cloud_traces("prn-", processes=[("dnsmasq", "smallcloud")], files=[])
+    before = cloud_traces(DOMAIN_PREFIXES, processes=[("dnsmasq", "smallcloud")], files=[])
     world = World(etcd, http_server(os.path.join(work, "served")), work)
     yield world
     teardown = ansible.run_playbook("smallcloud.kvm.teardown", extra_vars={
         **world.declared([], [], []), "smallcloud_hypervisor_hosts": "localhost"})
     for name in virsh("list", "--all", "--name").stdout.split():
-        if name.startswith("prn-"):  # only when teardown failed: never leave a domain behind
+        if name.startswith(DOMAIN_PREFIXES):  # only when teardown failed: never leave a domain behind
             virsh("destroy", name)
             virsh("undefine", name, "--nvram")
     shutil.rmtree(work, ignore_errors=True)
     assert teardown.rc == 0 and teardown.failed_count() == 0, teardown.stdout[-3000:]
-    assert cloud_traces("prn-", processes=[("dnsmasq", "smallcloud")], files=[]) == before
+    assert cloud_traces(DOMAIN_PREFIXES, processes=[("dnsmasq", "smallcloud")], files=[]) == before
 
 
-def converge(ansible, world, variables, check=False):
-    run = ansible.run_playbook(world.play, extra_vars=variables, check=check)
+def converge(ansible, world, variables, check=False, playbook=None, args=()):
+    run = ansible.run_playbook(playbook or world.play, extra_vars=variables, check=check, args=args)
     failed = [(task["task"]["name"], result.get("msg"),
                [item.get("msg") for item in result.get("results", []) if item.get("failed")])
               for task in run.tasks for result in task["hosts"].values() if result.get("failed")]
@@ -150,3 +155,21 @@ def test_prune_removes_only_what_is_no_longer_declared(ansible, world):
 
     again = converge(ansible, world, kept)
     assert again.changed_count() == 0
+
+
+def test_a_resource_tag_converges_only_that_resource(ansible, world):
+    declared = world.declared([TAG_NET], [("tag-vm", "tag-net")], [("tag-vm", "tag-net")],
+                              smallcloud_hypervisor_hosts="localhost")
+    run = converge(ansible, world, declared, playbook="smallcloud.kvm.converge", args=["--tags", "cloud_networks"])
+    records = world.records()
+    # The network converged: its record, and its gateway namespace and bridge on this host.
+    assert list(records["networks"]) == ["tag-net"]
+    vni = records["networks"]["tag-net"]["vni"]
+    assert "scnet-%x" % vni in netns_list() and "br-%x" % vni in cloud_traces("tag-", [], [])["links"]
+    # Nothing else did: no instance, domain, floating IP or cached image.
+    assert records["instances"] == {} and domain_uuid("tag-vm") is None
+    assert records["floating_ips"] == {} and records["floating"] == {}
+    cache = os.path.join(world.work, "cache")
+    assert not os.path.exists(cache) or os.listdir(cache) == []
+    # The preflight ran too.
+    assert "smallcloud.kvm.cloud : Check the role's variables" in [task["task"]["name"] for task in run.tasks]

@@ -23,6 +23,8 @@ commands:
   galaxy ARGS...     ansible-galaxy ARGS...     e.g. smallcloud galaxy collection install smallcloud-kvm-0.1.0.tar.gz
   runner ARGS...     ansible-runner ARGS...     e.g. smallcloud runner run /srv/awx-job -p converge.yml
   demo [--teardown]  run the smallcloud.kvm.demo playbook on this machine (or tear it down)
+  lab up [--hosts N] | status | down
+                     a lab of N hypervisor hosts on this machine (namespaces, sshd, libvirtd) and its inventory
   version            print the version
 
 smallcloud {__version__}"""
@@ -73,10 +75,14 @@ def main(argv=None):
         return exec_tool(TOOLS[command], args)
     if command == "demo":
         return exec_tool("ansible-playbook", demo_args(args))
+    if command == "lab":
+        from smallcloud import lab  # noqa: PLC0415 - only this command needs it
+
+        return lab.main(args)
     if command in ("version", "--version"):
         print(f"smallcloud {__version__}")
         return 0
-    known = ", ".join([*TOOLS, "demo", "version"])
+    known = ", ".join([*TOOLS, "demo", "lab", "version"])
     return fail(f"unknown command '{command}'; run 'smallcloud --help' (commands: {known})")
 
 

@@ -370,33 +370,19 @@ def test_an_expanded_plan_may_expand_again():
 # merge ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prefix, actions, before, after", [
-    pytest.param(None, ["mine", "theirs"], {"mine": 1, "theirs": 2}, {"mine": 10, "theirs": 20},
-                 id="merging without a prefix takes the steps and the diff keys as they are"),
-    pytest.param("host", ["mine", "host: theirs"], {"mine": 1, "host": {"theirs": 2}},
-                 {"mine": 10, "host": {"theirs": 20}},
-                 id="merging with a prefix prefixes the descriptions and nests the diff under it"),
-])
-def test_merge_takes_over_the_other_plans_steps_diff_and_bookkeeping(prefix, actions, before, after):
+def test_merge_takes_over_the_other_plans_steps_diff_and_bookkeeping():
     plan, other, log = Plan(), Plan(), Log()
     plan.compare("mine", 1, 10)
     plan.add("mine", log.step("mine"))
     other.compare("theirs", 2, 20)
     other.add("theirs", log.step("theirs"))
     other.after_apply(log.step("their bookkeeping"))
-    plan.merge(other, prefix=prefix)
-    assert plan.actions == actions
-    assert plan.diff == {"before": before, "after": after}
+    plan.merge(other)
+    assert plan.actions == ["mine", "theirs"]
+    assert plan.diff == {"before": {"mine": 1, "theirs": 2}, "after": {"mine": 10, "theirs": 20}}
     assert other.actions == [] and not other.changed
     plan.apply(check_mode=False)
     assert log.names == ["mine", "theirs", "their bookkeeping"]
-
-
-def test_merging_an_unchanged_plan_with_a_prefix_adds_no_diff_key():
-    plan, other = Plan(), Plan()
-    other.add("step", lambda: None)
-    plan.merge(other, prefix="host")
-    assert plan.diff == {"before": {}, "after": {}} and plan.actions == ["host: step"]
 
 
 # after_apply and held_while_applying ----------------------------------------------------------------

@@ -157,20 +157,9 @@ class Plan:
         neither listed nor counted in ``changed``, and skipped in check mode like every step."""
         self._bookkeeping.append((function, args, kwargs))
 
-    def merge(self, other, prefix=None):
-        """Take over ``other``'s steps and diff (the diff keys under ``prefix`` when given)."""
-        for step in other._steps:
-            if prefix:
-                step.description = "%s: %s" % (prefix, step.description)
-            self._steps.append(step)
-        if prefix and (other.before or other.after):
-            self.before[prefix] = other.before
-            self.after[prefix] = other.after
-        elif not prefix:
-            self.before.update(other.before)
-            self.after.update(other.after)
-        self._bookkeeping.extend(other._bookkeeping)
-        other._steps, other._bookkeeping = [], []
+    def merge(self, other):
+        """Take over ``other``'s steps (after this plan's), its diff and its bookkeeping."""
+        self._splice(len(self._steps), other)
 
     # reading -------------------------------------------------------------------------------------
 
@@ -226,7 +215,7 @@ class Plan:
         return contextlib.nullcontext() if check_mode else hold()
 
     def _splice(self, index, sub):
-        """Insert ``sub``'s steps right after the step that built it, and take over its diff."""
+        """Insert ``sub``'s steps at ``index`` and take over its diff and bookkeeping (``sub`` is left empty)."""
         self._steps[index:index] = sub._steps
         self._bookkeeping.extend(sub._bookkeeping)
         self.before.update(sub.before)

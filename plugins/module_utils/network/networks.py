@@ -155,6 +155,7 @@ class NetworkRunner:
         self.plan = Plan()
         self.host = handles.get(params["host_netns"])
         self.record = store.get(self.path)
+        self.want = None  # the host's desired state, once the host plan is built
 
     def creation_lock(self):
         """The cloud-wide lock, held from planning to apply, when this run creates the network.
@@ -185,7 +186,8 @@ class NetworkRunner:
         def facts():
             if unresolved(record["vni"]):  # check mode of a new network
                 return dict(vni=None, mtu=record["mtu"], **gateway_facts(network))
-            want = self.desired(resolved(record), vtep)
+            # What the host plan was built from; worked out here only when its expansion did not run (check mode).
+            want = self.want or self.desired(resolved(record), vtep)
             return dict(vni=want["vni"], bridge=want["bridge"], vxlan=want["vxlan"],
                         namespace=want["namespace"] if want["gateway"] else None, mtu=want["mtu"],
                         gateway_ip=want["gateway_ip"], dhcp_range=want["dhcp_range"], peers=want["peers"],
@@ -196,7 +198,8 @@ class NetworkRunner:
     def host_plan(self, record, vtep):
         """A plan converging this host's part of the network described by ``record``."""
         plan = Plan()
-        HostPlan(self, plan, self.desired(resolved(record), vtep)).build()
+        self.want = self.desired(resolved(record), vtep)
+        HostPlan(self, plan, self.want).build()
         return plan
 
     def underlay(self):

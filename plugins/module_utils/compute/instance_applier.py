@@ -164,13 +164,12 @@ class InstanceApplier:
     # the record ------------------------------------------------------------------------------------
 
     def write_record(self, nics, state):
-        """Put the record for ``nics`` and refresh the leases of its networks' DHCP; the old record, for undo."""
+        """Put the record for ``nics`` and refresh the DHCP leases of its old and new networks."""
         nics = resolved(nics)
         old, self.record = self.record, self.model.record(nics, state, self.uuid, self.obs.host, self.seed_digest)
         self.store.put(self.path, self.record)
         self.refresh_leases({nic["network"] for nic in (old or {}).get("interfaces") or []} |
                             {nic["network"] for nic in nics})
-        return old
 
     def create_record(self, nics, state):
         """Record a new instance (create-if-absent unless a domain-less record was adopted)."""

@@ -11,6 +11,7 @@ etcd: the allocation ``floating/POOL/ADDRESS`` (owner ``floating_ip:NETWORK/TARG
 ``floating_ips/ADDRESS`` = ``{"address", "pool", "network", "instance", "fixed_ip"}``.
 """
 
+import contextlib
 import ipaddress
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
@@ -218,10 +219,16 @@ class FloatingRunner:
 
     def host_plan(self, names, address, fixed_ip):
         """A plan for the DNAT/SNAT rules, the address on wan and the host route, each checked separately."""
+        with self.planning_apart() as plan:
+            self.host_steps(names, address, fixed_ip)
+        return plan
+
+    @contextlib.contextmanager
+    def planning_apart(self):
+        """The steps queued inside go to a plan of their own (yielded), not to the task's plan."""
         main, self.plan = self.plan, Plan()
         try:
-            self.host_steps(names, address, fixed_ip)
-            return self.plan
+            yield self.plan
         finally:
             self.plan = main
 
@@ -323,14 +330,10 @@ class FloatingRunner:
 
     def release_under_lock(self, record, check_mode):
         """The applied plan releasing one orphan, planned and applied under its network's lock."""
-        main, self.plan = self.plan, Plan()
-        try:
-            with self.store.lock("network/%s" % record["network"], ttl=60, timeout=120):
-                self.release(record)
-                self.plan.apply(check_mode)
-            return self.plan
-        finally:
-            self.plan = main
+        with self.planning_apart() as plan, self.store.lock("network/%s" % record["network"], ttl=60, timeout=120):
+            self.release(record)
+            plan.apply(check_mode)
+        return plan
 
     @staticmethod
     def orphaned(record, networks, instances):

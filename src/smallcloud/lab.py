@@ -213,9 +213,9 @@ class Lab:
         }
 
     @staticmethod
-    def enter(host, argv):
+    def enter(host, argv, check=True):
         """Run ``argv`` in the host's namespaces."""
-        return run(["nsenter", "-t", str(host["pid"]), "-m", "-n", "-u", "--", *argv])
+        return run(["nsenter", "-t", str(host["pid"]), "-m", "-n", "-u", "--", *argv], check=check, timeout=30)
 
     @staticmethod
     def daemon_pid(host, daemon):
@@ -230,12 +230,7 @@ class Lab:
         return pid is not None and pid_alive(pid)
 
     def libvirt_answers(self, host):
-        return self.enter_quietly(host, ["virsh", "-c", "qemu:///system", "version"])
-
-    def enter_quietly(self, host, argv):
-        result = subprocess.run(["nsenter", "-t", str(host["pid"]), "-m", "-n", "-u", "--", *argv],
-                                capture_output=True, text=True, check=False, timeout=30)
-        return result.returncode == 0
+        return self.enter(host, ["virsh", "-c", "qemu:///system", "version"], check=False).returncode == 0
 
     def write_inventory(self, hosts):
         """An Ansible inventory: every host in the etcd and hypervisors groups, reached over SSH."""

@@ -10,9 +10,18 @@ options:
     description:
       - etcd client URLs, tried in order; the next one is used when one does not answer.
       - Set once for every module with C(module_defaults) and the C(group/smallcloud.kvm.cloud) action group.
+      - When not set, the endpoints of O(etcd_client_config); without that file, V(http://127.0.0.1:2379).
     type: list
     elements: str
-    default: ['http://127.0.0.1:2379']
+  etcd_client_config:
+    description:
+      - JSON file with the etcd client settings of this host, written on every hypervisor by the
+        C(smallcloud.kvm.deploy) playbook (the C(client) tasks of the C(smallcloud.kvm.etcd) role) -
+        C(endpoints) (a list of client URLs) and the C(ca_cert), C(cert) and C(key) file paths.
+      - Read when it exists and O(etcd_endpoints) is not set; O(etcd_ca_cert), O(etcd_cert) and O(etcd_key)
+        given to the module win over the file's values one by one.
+    type: path
+    default: /etc/smallcloud/etcd-client.json
   etcd_prefix:
     description:
       - Key prefix under which the cloud's records live; one prefix is one cloud.

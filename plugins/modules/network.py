@@ -90,11 +90,23 @@ options:
     default: true
   underlay_interface:
     description:
-      - Interface whose first IPv4 address carries VXLAN (this host's VTEP address). Required with O(state=present).
+      - Interface whose first IPv4 address carries VXLAN (this host's VTEP address).
+      - Default the device of the IPv4 default route.
     type: str
   mesh_peers:
     description:
-      - Underlay addresses of the other hosts carrying this network. Default the hosts recorded in etcd.
+      - Underlay addresses of the other hosts carrying this network.
+      - Default the hosts of O(mesh_hosts), else the hosts recorded in the network's etcd record.
+    type: list
+    elements: str
+  mesh_hosts:
+    description:
+      - Names of the hypervisors that carry this network, as registered in etcd by M(smallcloud.kvm.host)
+        (the hypervisor role registers each host under its inventory name). This host floods to the
+        underlay addresses of all of them, including those that have not converged the network yet, and
+        the network's record forgets hosts that are no longer listed (a hypervisor gone for good).
+      - A host that is not registered yet is left out (it carries no guest); the M(smallcloud.kvm.cloud) role
+        registers every host of its play before it converges networks, and passes its hypervisors as this list.
     type: list
     elements: str
   departing_instances:

@@ -23,6 +23,9 @@ commands:
   galaxy ARGS...     ansible-galaxy ARGS...     e.g. smallcloud galaxy collection install smallcloud-kvm-0.1.0.tar.gz
   runner ARGS...     ansible-runner ARGS...     e.g. smallcloud runner run /srv/awx-job -p converge.yml
   demo [--teardown]  run the smallcloud.kvm.demo playbook on this machine (or tear it down)
+  demo --lab [--teardown]
+                     the demo across a lab of 3 hosts: lab up, then smallcloud.kvm.demo_lab on its inventory
+                     (--teardown: smallcloud.kvm.teardown, the image server stopped, lab down)
   lab up [--hosts N] | status | down
                      a lab of N hypervisor hosts on this machine (namespaces, sshd, libvirtd) and its inventory
   version            print the version
@@ -64,6 +67,22 @@ def demo_args(args):
     return ["smallcloud.kvm.demo", "-e", f"demo_state={state}", *rest]
 
 
+def demo(args):
+    """``smallcloud demo [--teardown]`` on this machine, or ``--lab``: across a lab of 3 hosts."""
+    if "--lab" not in args:
+        return exec_tool("ansible-playbook", demo_args(args))
+    from smallcloud import lab  # noqa: PLC0415 - only the lab needs it
+
+    rest = [arg for arg in args if arg not in ("--lab", "--teardown")]
+    try:
+        if "--teardown" in args:
+            return lab.demo_down(find_tool("ansible-playbook"), rest)
+        inventory = lab.demo_up()
+    except lab.LabError as error:
+        return fail(str(error))
+    return exec_tool("ansible-playbook", ["-i", str(inventory), "smallcloud.kvm.demo_lab", *rest])
+
+
 def main(argv=None):
     """Entry point of the ``smallcloud`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -74,7 +93,7 @@ def main(argv=None):
     if command in TOOLS:
         return exec_tool(TOOLS[command], args)
     if command == "demo":
-        return exec_tool("ansible-playbook", demo_args(args))
+        return demo(args)
     if command == "lab":
         from smallcloud import lab  # noqa: PLC0415 - only this command needs it
 

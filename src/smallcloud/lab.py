@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from smallcloud.stdio import make_blocking
+
 DEFAULT_DIR = "/var/lib/smallcloud-lab"
 DEFAULT_HOSTS = 3
 MAX_HOSTS = 16
@@ -29,10 +31,15 @@ UNDERLAY_CIDR = ipaddress.ip_network("10.250.0.0/24")
 UNDERLAY_MTU = 1600
 BRIDGE = "sclab-br"
 OUTSIDE = "sclab-outside"
+OUTSIDE_ADDRESS = str(UNDERLAY_CIDR.broadcast_address - 1)
 NETNS_PREFIX = "sclab-"
 # What a lab host keeps to itself: bind-mounted from <lab>/<host>/<name>.
+# The boot-time configuration directories a deploy writes to (init scripts and their runlevel links, sysctl,
+# tmpfiles, modprobe) start as copies of the machine's, so no host's deploy lands on the machine itself.
+COPIED_DIRS = ("/etc/init.d", "/etc/rcS.d", *("/etc/rc%d.d" % level for level in range(7)), "/etc/sysctl.d",
+               "/etc/tmpfiles.d", "/etc/modprobe.d")
 PRIVATE_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/cache/libvirt", "/var/lib/smallcloud", "/var/lib/etcd",
-                "/etc/etcd", "/var/log")
+                "/etc/etcd", "/etc/smallcloud", "/var/log", *COPIED_DIRS)
 # Directories whose tree (directories only, same owner and mode) a fresh host needs, e.g. libvirt's qemu dirs.
 SKELETONS = ("/var/lib/libvirt", "/var/cache/libvirt", "/var/log")
 WAIT_SECONDS = 60
@@ -137,12 +144,15 @@ class Lab:
             actions.append("created the underlay bridge %s" % BRIDGE)
         if OUTSIDE not in netns_list():
             run(["ip", "netns", "add", OUTSIDE])
-            self.veth_into(OUTSIDE, "sclab-out", str(UNDERLAY_CIDR.broadcast_address - 1))
+            self.veth_into(OUTSIDE, "sclab-out", OUTSIDE_ADDRESS, gateway=None)
             actions.append("created the outside namespace %s" % OUTSIDE)
         return actions
 
-    def veth_into(self, netns, host_end, address):
-        """A veth from the underlay bridge into ``netns`` (inside: eth0 with ``address``), both ends up."""
+    def veth_into(self, netns, host_end, address, gateway=OUTSIDE_ADDRESS):
+        """A veth from the underlay bridge into ``netns`` (inside: eth0 with ``address``), both ends up.
+
+        Hosts route by default to the outside namespace, the uplink router, which routes nothing further:
+        guest traffic to anywhere else ends there instead of leaving through this machine."""
         run(["ip", "link", "add", host_end, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
              "mtu", str(UNDERLAY_MTU), "netns", netns])
         run(["ip", "link", "set", host_end, "master", BRIDGE, "up"])
@@ -150,7 +160,8 @@ class Lab:
         run(inside + ["addr", "add", "%s/%d" % (address, UNDERLAY_CIDR.prefixlen), "dev", "eth0"])
         run(inside + ["link", "set", "eth0", "up"])
         run(inside + ["link", "set", "lo", "up"])
-        run(inside + ["route", "add", "default", "via", str(UNDERLAY_CIDR.network_address + 1)])
+        if gateway:
+            run(inside + ["route", "add", "default", "via", gateway])
 
     def host_up(self, index, name, actions):
         """One host: its anchor, namespaces, private directories, underlay port and daemons."""
@@ -172,16 +183,27 @@ class Lab:
     def start_anchor(self, name):
         """The process that holds a host's namespaces: mounts its private view, then sleeps."""
         root = self.host_dir(name)
-        mounts = ["mount -t tmpfs -o mode=0755 tmpfs /run", "mkdir -p /run/sshd /run/libvirt /run/lock"]
+        mounts = ["mount -t tmpfs -o mode=0755 tmpfs /run", "mkdir -p /run/sshd /run/libvirt /run/lock",
+                  # sysfs shows the network devices of the namespace that mounts it: a fresh one gives this host
+                  # its own /sys/class/net (the rest of /sys, cgroups included, stays the machine's).
+                  "mkdir -p /run/sysfs && mount -t sysfs sysfs /run/sysfs",
+                  "mount --bind /run/sysfs/class/net /sys/class/net",
+                  "mount --bind /run/sysfs/devices/virtual/net /sys/devices/virtual/net"]
         for path in PRIVATE_DIRS:
             private = root / path.strip("/").replace("/", "_")
             if not private.exists():
                 private.mkdir(parents=True)
                 if path == "/etc/libvirt" and Path(path).is_dir():
                     seed_libvirt_config(private)
+                elif path in COPIED_DIRS and Path(path).is_dir():
+                    shutil.copytree(path, private, dirs_exist_ok=True, symlinks=True)
                 elif path in SKELETONS and Path(path).is_dir():
                     copy_skeleton(Path(path), private)
             mounts.append("mkdir -p %s && mount --bind %s %s" % (path, private, path))
+        # Its own name resolves without DNS (libvirtd looks it up; the lab's uplink answers no DNS).
+        hosts_file = root / "hosts"
+        hosts_file.write_text("127.0.0.1 localhost\n127.0.1.1 %s\n" % name)
+        mounts.append("mount --bind %s /etc/hosts" % hosts_file)
         script = " && ".join(["hostname %s" % name, *mounts, "echo ready", "exec sleep infinity"])
         process = subprocess.Popen(  # noqa: S603 - argv list; the script is ours
             ["unshare", "--mount", "--net", "--uts", "--propagation", "private", "--", "sh", "-c", script],
@@ -242,8 +264,12 @@ class Lab:
         lines += [
             "[all:vars]", "ansible_user=root", "ansible_ssh_private_key_file=%s" % self.key,
             "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-            "-o LogLevel=ERROR'", "ansible_python_interpreter=/usr/bin/python3",
-            "smallcloud_lab_underlay_interface=eth0", "smallcloud_lab_outside_netns=%s" % OUTSIDE, ""]
+            "-o LogLevel=ERROR'", "ansible_python_interpreter=/usr/bin/python3", "ansible_pipelining=true",
+            # The cluster CA lives with the lab, so `down` takes it away too.
+            "etcd_tls_ca_dir=%s" % (self.dir / "etcd-ca"),
+            # The lab's hosts share one kernel, whose KSM is the machine's: the lab leaves it alone.
+            "hypervisor_ksm_enabled=false",
+            "smallcloud_lab_outside_netns=%s" % OUTSIDE, ""]
         self.inventory.write_text("\n".join(lines))
 
     # status ------------------------------------------------------------------------------------
@@ -274,7 +300,7 @@ class Lab:
                     if pid is not None and pid_alive(pid):
                         os.kill(pid, signal.SIGTERM)
                         wait_until(lambda pid=pid: not pid_alive(pid), "%s of %s to stop" % (daemon, name))
-                # Anything else still in the host's namespaces (a guest's QEMU) goes with it.
+                # Anything else still in the host's namespaces (a guest's QEMU, a network's dnsmasq) goes with it.
                 for pid in pids_in_netns_of(host["pid"]):
                     if pid != host["pid"]:
                         os.kill(pid, signal.SIGKILL)
@@ -325,16 +351,20 @@ def netns_list():
 
 
 def pids_in_netns_of(pid):
-    """Every process sharing ``pid``'s network namespace."""
+    """Every process in ``pid``'s network namespace or in one the host made (its /run/netns, e.g. a
+    network's dnsmasq in its gateway namespace)."""
     try:
-        target = os.readlink("/proc/%d/ns/net" % pid)
+        targets = {os.readlink("/proc/%d/ns/net" % pid)}
     except OSError:
         return []
+    nested = Path("/proc/%d/root/run/netns" % pid)
+    with contextlib.suppress(OSError):
+        targets |= {"net:[%d]" % entry.stat().st_ino for entry in nested.iterdir()}
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink("/proc/%s/ns/net" % entry) == target:
+                if os.readlink("/proc/%s/ns/net" % entry) in targets:
                     found.append(int(entry))
             except OSError:
                 continue
@@ -364,6 +394,33 @@ def wait_until(condition, what, seconds=WAIT_SECONDS):
         if time.monotonic() > deadline:
             raise LabError("gave up waiting for %s after %d s" % (what, seconds))
         time.sleep(0.2)
+
+
+DEMO_HOSTS = 3
+DEMO_IMAGE_DIR = DEFAULT_DIR + "-image"  # playbooks/vars/demo_lab.yml: demo_lab_image_dir
+
+
+def demo_up():
+    """The lab of ``smallcloud demo --lab`` (3 hosts in the default directory); its inventory's path."""
+    lab = Lab()
+    lab.up(DEMO_HOSTS)
+    return lab.inventory
+
+
+def demo_down(ansible_playbook, extra_args):
+    """``smallcloud demo --lab --teardown``: the cloud torn down while the lab answers, the image server
+    stopped, the lab taken down. Exit status of the teardown playbook, or 0."""
+    lab = Lab()
+    status = 0
+    if lab.recorded() is not None and all(all(host.values()) for host in lab.status().values()):
+        make_blocking()
+        status = subprocess.run([ansible_playbook, "-i", str(lab.inventory), "smallcloud.kvm.teardown",  # noqa: S603
+                                 *extra_args], check=False).returncode
+    run(["start-stop-daemon", "--stop", "--oknodo", "--retry", "5", "--remove-pidfile", "--pidfile",
+         DEMO_IMAGE_DIR + "/http.pid"], check=False)
+    shutil.rmtree(DEMO_IMAGE_DIR, ignore_errors=True)
+    print(json.dumps({"changed": True, "actions": lab.down()}))
+    return status
 
 
 def main(args):

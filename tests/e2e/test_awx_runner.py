@@ -52,6 +52,7 @@ def private_data_dir(root):
         "etcd_name": "awx", "etcd_address": "127.0.0.1", "etcd_listen_client_addresses": ["127.0.0.1"],
         "etcd_listen_peer_addresses": ["127.0.0.1"], "etcd_client_port": ETCD_PORT, "etcd_peer_port": ETCD_PORT + 1,
         "etcd_service_name": ETCD_SERVICE, "etcd_cluster_token": "smallcloud-awx",
+        "etcd_client_dir": str(root / "client"),
         "cloud_etcd_endpoints": ["http://127.0.0.1:%d" % ETCD_PORT], "cloud_etcd_prefix": PREFIX,
         "cloud_networks": [NETWORK],
     }))

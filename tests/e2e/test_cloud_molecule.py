@@ -2,6 +2,8 @@
 idempotent second converge, verify (DHCP addresses against etcd, HTTP through the floating IP), and a
 destroy that leaves this machine exactly as it was."""
 
+from pathlib import Path
+
 import pytest
 from harness.host import cloud_traces, machine_state
 from harness.molecule import molecule_test
@@ -32,3 +34,16 @@ def test_default_scenario_converges_idempotently_verifies_and_leaves_nothing(lib
     # verify.yml ran its checks on both guests, not an empty list.
     assert "ok: [cloud-molecule] => (item=mol-web2)" in run.output
     assert scenario_traces() == before
+
+
+@pytest.mark.timeout(1500)
+def test_multihost_scenario_runs_the_cloud_on_a_lab_idempotently_and_leaves_nothing(tmp_path):
+    from test_lab import machine_traces  # noqa: PLC0415 - the lab's own trace list
+
+    before = {"lab": machine_traces(), "image": Path("/var/lib/smallcloud-lab-image").exists()}
+    run = molecule_test("multihost", tmp_path / "molecule", timeout=1400)
+    assert run.rc == 0, run.output[-8000:]
+    for step in ("create", "converge", "idempotence", "verify", "destroy"):
+        assert run.passed(step), f"molecule did not report {step} successful:\n{run.output[-8000:]}"
+    assert "ok: [h3] => (item=lab-web3)" in run.output and "ok: [h2] => (item=lab-web2)" in run.output
+    assert {"lab": machine_traces(), "image": Path("/var/lib/smallcloud-lab-image").exists()} == before

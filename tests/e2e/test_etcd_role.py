@@ -77,6 +77,8 @@ class EtcdLab:
             "etcd_restore_remote_dir": str(self.base / "remote"),
             "etcd_health_timeout": 60,
             "etcd_health_delay": 1,
+            # Loopback members: plaintext unless a test asks for TLS (the role's default for a cluster).
+            "etcd_tls_client": False, "etcd_tls_peer": False, "etcd_tls_client_cert_auth": False,
             **group_vars,
         }
         path = self.base / name

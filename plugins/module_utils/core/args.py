@@ -8,7 +8,8 @@ state directory ``state_dir`` everywhere (the older names stay as aliases).
 
 # Matches plugins/doc_fragments/etcd.py.
 ETCD_ARGS = dict(
-    etcd_endpoints=dict(type="list", elements="str", default=["http://127.0.0.1:2379"]),
+    etcd_endpoints=dict(type="list", elements="str"),
+    etcd_client_config=dict(type="path", default="/etc/smallcloud/etcd-client.json"),
     etcd_prefix=dict(type="str", default="/smallcloud/v1"),
     etcd_ca_cert=dict(type="path"),
     etcd_cert=dict(type="path"),

@@ -69,3 +69,23 @@ class Handles:
         """Close every handle."""
         for netns in list(self._open):
             self.drop(netns)
+
+
+def underlay_of(host, name=None):
+    """``(interface, IPv4 address, mtu)`` of the underlay on ``host`` (a NetDev): ``name``, or the default
+    route's device when no name is given. InvalidInput when it is missing or carries no IPv4 address."""
+    if not name:
+        name = host.default_route_device()
+        if name is None:
+            raise InvalidInput("underlay_interface is not set and this host has no IPv4 default route to take "
+                               "it from; name the interface that reaches the other hypervisors",
+                               underlay_interface=None)
+    link = host.link(name)
+    if link is None:
+        raise InvalidInput("underlay_interface %s does not exist on this host (interfaces: %s)"
+                           % (name, ", ".join(sorted(host.links()))), underlay_interface=name)
+    addresses = host.addresses(name)
+    if not addresses:
+        raise InvalidInput("underlay_interface %s has no IPv4 address to carry VXLAN" % name,
+                           underlay_interface=name)
+    return name, addresses[0].split("/")[0], link["mtu"]

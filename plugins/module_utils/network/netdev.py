@@ -204,6 +204,13 @@ class NetDev:
             out.append((dst, msg.get_attr("RTA_GATEWAY"), names.get(msg.get_attr("RTA_OIF"))))
         return sorted(out, key=lambda route: (route[0], route[1] or "", route[2] or ""))
 
+    def default_route_device(self):
+        """The device of the IPv4 default route (the underlay a host reaches its peers on), or None."""
+        for dst, _gateway, device in self.routes():
+            if dst == "0.0.0.0/0":  # noqa: S104 - a route, not a bind
+                return device
+        return None
+
     @staticmethod
     def _route_spec(dst, index, gateway):
         """Netlink route attributes; the scope must match on delete too."""

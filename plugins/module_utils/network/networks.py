@@ -50,6 +50,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices imp
     check_namespace_prefix,
     device_names,
     gateway_state_dir,
+    underlay_of,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import attached_instances, leases_for
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
@@ -74,6 +75,7 @@ MODULE_SPEC = dict(
             gateway=dict(type="bool", default=True),
             underlay_interface=dict(type="str"),
             mesh_peers=dict(type="list", elements="str"),
+            mesh_hosts=dict(type="list", elements="str"),
             departing_instances=dict(type="list", elements="str", default=[]),
         ),
         ETCD_ARGS,
@@ -81,7 +83,8 @@ MODULE_SPEC = dict(
         NAMESPACE_ARGS,
         NETWORK_STATE_ARGS,
     ),
-    required_if=[("state", "present", ("cidr", "underlay_interface"))],
+    required_if=[("state", "present", ("cidr",))],
+    mutually_exclusive=[("mesh_peers", "mesh_hosts")],
     required_by={"egress_address": "egress_pool"},
     supports_check_mode=True,
 )
@@ -156,6 +159,8 @@ class NetworkRunner:
         self.host = handles.get(params["host_netns"])
         self.record = store.get(self.path)
         self.want = None  # the host's desired state, once the host plan is built
+        self.underlay_name = params["underlay_interface"]  # filled from the default route by underlay()
+        self.mesh = None  # with mesh_hosts: the VTEPs of those hosts, from their registrations
 
     def creation_lock(self):
         """The cloud-wide lock, held from planning to apply, when this run creates the network.
@@ -172,6 +177,7 @@ class NetworkRunner:
         """Validate against etcd and the host; plan the record's creation or update, then the host."""
         self.record = self.store.get(self.path)  # again, now under the creation lock
         vtep, underlay_mtu = self.underlay()
+        self.mesh = self.mesh_vteps(vtep)
         if self.record is None:
             record = self.plan_create(vtep, underlay_mtu)
         else:
@@ -203,17 +209,29 @@ class NetworkRunner:
         return plan
 
     def underlay(self):
-        """(VTEP address, MTU) of underlay_interface; InvalidInput when it is missing or unaddressed."""
-        name = self.params["underlay_interface"]
-        link = self.host.link(name)
-        if link is None:
-            raise InvalidInput("underlay_interface %s does not exist on this host (interfaces: %s)"
-                               % (name, ", ".join(sorted(self.host.links()))), underlay_interface=name)
-        addresses = self.host.addresses(name)
-        if not addresses:
-            raise InvalidInput("underlay_interface %s has no IPv4 address to carry VXLAN" % name,
-                               underlay_interface=name)
-        return addresses[0].split("/")[0], link["mtu"]
+        """(VTEP address, MTU) of the underlay: underlay_interface, else the default route's device."""
+        self.underlay_name, address, mtu = underlay_of(self.host, self.params["underlay_interface"])
+        return address, mtu
+
+    def mesh_vteps(self, vtep):
+        """With ``mesh_hosts``: this host's VTEP and the underlay addresses of those hosts that are registered
+        (``hosts/NAME``); None without. A host not registered yet carries no guest, so it is left out until
+        it registers (the cloud role registers every host before it converges networks)."""
+        names = self.params["mesh_hosts"]
+        if names is None:
+            return None
+        registered = records.hosts(self.store)
+        vteps = {(registered.get(name) or {}).get("underlay_address") for name in names}
+        return sorted((vteps - {None}) | {vtep})
+
+    def carriers(self, record, vtep, joining):
+        """The record's ``vteps`` with this host joining or leaving, limited to the mesh when there is one
+        (a host gone for good leaves every record on the next converge of the others)."""
+        vteps = set(record.get("vteps") or [])
+        vteps = vteps | {vtep} if joining else vteps - {vtep}
+        if self.mesh is not None:
+            vteps &= set(self.mesh)
+        return sorted(vteps)
 
     def check_unchanged(self, record):
         """Refuse changes an existing network cannot take (cidr, vni, a second gateway)."""
@@ -276,7 +294,7 @@ class NetworkRunner:
         """Raise InvalidInput when ``mtu`` does not fit in the underlay with VXLAN's overhead."""
         if mtu > underlay_mtu - VXLAN_OVERHEAD:
             raise InvalidInput("mtu %d does not fit: underlay %s has mtu %d, so at most %d"
-                               % (mtu, self.params["underlay_interface"], underlay_mtu,
+                               % (mtu, self.underlay_name, underlay_mtu,
                                   underlay_mtu - VXLAN_OVERHEAD), mtu=mtu)
 
     def base_record(self, mtu):
@@ -298,7 +316,7 @@ class NetworkRunner:
         new = dict(record)
         if self.params["mtu"]:
             new["mtu"] = self.params["mtu"]
-        new["vteps"] = sorted(set(record.get("vteps") or []) | {vtep})
+        new["vteps"] = self.carriers(record, vtep, joining=True)
         if self.params["gateway"]:
             new["gateway_vtep"] = vtep
             # Gateway services are configured where they run; other hosts only carry VXLAN + bridge.
@@ -334,10 +352,11 @@ class NetworkRunner:
         network = ipaddress.ip_network(record["cidr"])
         want = dict(device_names(record["vni"], self.params["namespace_prefix"]))
         want.update(gateway_facts(network))
-        peers = self.params["mesh_peers"] if self.params["mesh_peers"] is not None else record.get("vteps") or []
+        peers = next(chosen for chosen in (self.mesh, self.params["mesh_peers"], record.get("vteps") or [])
+                     if chosen is not None)
         gateway = bool(self.params["gateway"])
         want.update(
-            vni=record["vni"], vtep=vtep, underlay=self.params["underlay_interface"], mtu=record["mtu"],
+            vni=record["vni"], vtep=vtep, underlay=self.underlay_name, mtu=record["mtu"],
             peers=sorted(set(peers) - {vtep}), gateway=gateway, nat=gateway and bool(record.get("nat")),
             egress=record.get("egress_address"), dhcp=gateway and bool(record.get("dhcp")),
         )
@@ -366,6 +385,7 @@ class NetworkRunner:
                           self.refuse_attached_now)
         names = device_names(vni, self.params["namespace_prefix"])
         vtep = self.local_vtep(names)
+        self.mesh = self.mesh_vteps(vtep) if vtep else None
         want = dict(names, vni=vni, state_dir=os.path.join(self.params["state_dir"], names["namespace"]))
         HostPlan(self, self.plan, want).teardown()
         if record is not None:
@@ -383,17 +403,18 @@ class NetworkRunner:
         self.refuse_attached(attached_instances(self.name, records.instances(self.store)))
 
     def local_vtep(self, names):
-        """This host's VTEP: from underlay_interface when given, else from the existing VXLAN link."""
-        if self.params["underlay_interface"] and self.host.link(self.params["underlay_interface"]):
-            addresses = self.host.addresses(self.params["underlay_interface"])
-            if addresses:
-                return addresses[0].split("/")[0]
+        """This host's VTEP: the existing VXLAN link's, else the underlay's; None when neither is there."""
         link = self.host.link(names["vxlan"])
-        return link["vxlan"]["local"] if link else None
+        if link:
+            return link["vxlan"]["local"]
+        try:
+            return self.underlay()[0]
+        except InvalidInput:
+            return None  # nothing of this network can be on a host without an underlay
 
     def plan_forget(self, record, vtep):
         """Drop this host from the record; delete record and allocations when no host is left."""
-        vteps = sorted(set(record.get("vteps") or []) - {vtep})
+        vteps = self.carriers(record, vtep, joining=False)
         if vteps:
             new = dict(record, vteps=vteps)
             if record.get("gateway_vtep") == vtep:

@@ -4,10 +4,10 @@
 
     networks/NAME         a network          instances/NAME      an instance
     floating_ips/ADDRESS  a floating IP      ipam/NETWORK/IP     an address allocation
-    vni/VNI               a VNI allocation
+    vni/VNI               a VNI allocation   hosts/NAME          a hypervisor (its underlay, virt type)
 """
 
-NETWORKS, INSTANCES, FLOATING_IPS = "networks", "instances", "floating_ips"
+NETWORKS, INSTANCES, FLOATING_IPS, HOSTS = "networks", "instances", "floating_ips", "hosts"
 
 
 def network_key(name):
@@ -20,6 +20,10 @@ def instance_key(name):
 
 def floating_ip_key(address):
     return "%s/%s" % (FLOATING_IPS, address)
+
+
+def host_key(name):
+    return "%s/%s" % (HOSTS, name)
 
 
 def ipam_key(network, address):
@@ -48,6 +52,11 @@ def instances(store):
 def floating_ips(store):
     """``{address: record}`` of every floating IP."""
     return top_records(store.list(FLOATING_IPS))
+
+
+def hosts(store):
+    """``{name: record}`` of every registered hypervisor."""
+    return top_records(store.list(HOSTS))
 
 
 def holder(store, key):

@@ -46,6 +46,7 @@ names the holder), LockTimeout (``lock`` and ``holder``), InvalidInput (a bad na
 
 import datetime
 import json
+import os
 import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import (
@@ -77,6 +78,42 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.state.locks import 
 
 DEFAULT_PREFIX = "/smallcloud/v1"
 DEFAULT_ENDPOINTS = ["http://127.0.0.1:2379"]
+
+
+CLIENT_FILE_KEYS = ("endpoints", "ca_cert", "cert", "key")
+
+
+def client_settings(params):
+    """Endpoints and TLS files: the module's own options when it names endpoints; else the client file the
+    deploy playbook writes on every hypervisor (``etcd_client_config``, JSON with CLIENT_FILE_KEYS), with the
+    module's TLS options winning key by key; else loopback etcd."""
+    settings = {"endpoints": params.get("etcd_endpoints"), "ca_cert": params.get("etcd_ca_cert"),
+                "cert": params.get("etcd_cert"), "key": params.get("etcd_key")}
+    path = params.get("etcd_client_config")
+    if not settings["endpoints"] and path and os.path.exists(path):
+        from_file = read_client_file(path)
+        settings = {key: settings[key] or from_file.get(key) for key in CLIENT_FILE_KEYS}
+    settings["endpoints"] = settings["endpoints"] or DEFAULT_ENDPOINTS
+    return settings
+
+
+def read_client_file(path):
+    """The settings of an etcd client file; InvalidInput naming the file when it is not one."""
+    allowed = "a JSON object with keys %s" % ", ".join(CLIENT_FILE_KEYS)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise InvalidInput("etcd_client_config %s cannot be read (%s); expected %s" % (path, error, allowed),
+                           etcd_client_config=path) from error
+    unknown = sorted(set(content) - set(CLIENT_FILE_KEYS)) if isinstance(content, dict) else None
+    if unknown is None or unknown or not isinstance(content.get("endpoints", []), list):
+        raise InvalidInput("etcd_client_config %s is not %s (endpoints a list)%s"
+                           % (path, allowed, "; unknown keys: %s" % ", ".join(unknown) if unknown else ""),
+                           etcd_client_config=path)
+    return content
+
+
 EVENTS_MAX = 100
 MAX_ATTEMPTS = 64  # collisions tolerated per allocation before giving up
 
@@ -157,11 +194,12 @@ class Store:
     @classmethod
     def from_params(cls, params, **options):
         """A Store from a module's params (the keys of args.ETCD_ARGS); no connection yet."""
+        settings = client_settings(params)
         gateway = EtcdGateway(
-            params.get("etcd_endpoints") or DEFAULT_ENDPOINTS,
-            ca_cert=params.get("etcd_ca_cert"),
-            cert=params.get("etcd_cert"),
-            key=params.get("etcd_key"),
+            settings["endpoints"],
+            ca_cert=settings["ca_cert"],
+            cert=settings["cert"],
+            key=settings["key"],
             user=params.get("etcd_user"),
             password=params.get("etcd_password"),
             timeout=params.get("etcd_timeout") or 10,

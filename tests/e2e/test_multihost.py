@@ -1,0 +1,279 @@
+"""The cloud across a lab of three hosts (issue 12), through the public playbooks only, over SSH.
+
+One lab, one deploy and one boot of three tiny guests serve every assertion: the 3-member etcd cluster with
+client-certificate TLS, a network whose gateway is on h1 carrying guests of h2 and h3 over VXLAN, DHCP
+from the addresses etcd allocated, reachability shown from a guest itself, a floating IP from the outside,
+the re-run that changes nothing, a lost hypervisor, and the teardown that leaves nothing.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness.netns import netns_list
+from test_lab import lab, machine_traces, ssh
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = {"h1": "10.250.0.11", "h2": "10.250.0.12", "h3": "10.250.0.13"}
+UNDERLAY_HOST, OUTSIDE_NS, OUTSIDE_IP = "10.250.0.1", "sclab-outside", "10.250.0.254"
+POOL = "198.18.61.0/24"  # egress and floating addresses; the uplink (outside namespace) routes it to h1
+PEER_IP, ISOLATED_IP = "10.61.0.30", "10.62.0.30"
+# Shell-script user-data runs once the tiny guest is up: every 2 s it tries HTTP to the other guests and
+# the outside (busybox nc: the static busybox's wget crashes), and says what answered on its console.
+PROBE = """#!/bin/sh
+n=0
+while true; do
+  n=$((n + 1))
+  line="SMALLCLOUD-PROBE $n"
+  for target in %s; do
+    if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 "$target" 80 | grep -q '200 OK'; then
+      line="$line $target=ok"
+    else
+      line="$line $target=fail"
+    fi
+  done
+  echo "$line"
+  sleep 2
+done
+""" % " ".join([PEER_IP, ISOLATED_IP, OUTSIDE_IP])
+BOOT_TIMEOUT = 420
+
+
+class Cloud:
+    """The lab, its inventory and the cloud's data; playbooks run against it."""
+
+    def __init__(self, directory, image_url, image_sha256):
+        self.dir = Path(directory)
+        self.inventory = self.dir / "inventory.ini"
+        self.image = image = {"url": image_url, "checksum": "sha256:" + image_sha256}
+
+        self.data = {
+            "cloud_images": [image],
+            "cloud_networks": [
+                {"name": "mh-net1", "cidr": "10.61.0.0/24", "nat": True, "egress_pool": POOL, "gateway_host": "h1"},
+                {"name": "mh-net2", "cidr": "10.62.0.0/24", "gateway_host": "h1"},
+            ],
+            "cloud_instances": [
+                self.guest("mh-g2", "h2", "mh-net1", user_data=PROBE),
+                self.guest("mh-g3", "h3", {"name": "mh-net1", "ip": PEER_IP}),
+                self.guest("mh-g3b", "h3", {"name": "mh-net2", "ip": ISOLATED_IP}),
+            ],
+            "cloud_floating_ips": [{"network": "mh-net1", "instance": "mh-g3", "pool": POOL}],
+        }
+
+    def guest(self, name, host, network, **extra):
+        return {"name": name, "host": host, "image": self.image["url"], "image_checksum": self.image["checksum"],
+                "memory": 128, "cpus": 1, "networks": [network], **extra}
+
+    def playbook(self, ansible, name, extra=None, inventory=None, args=()):
+        return ansible.run_playbook("smallcloud.kvm." + name, inventory=inventory or self.inventory,
+                                    extra_vars={**self.data, **(extra or {})}, args=args, timeout=1200)
+
+    def host_path(self, host, path):
+        """Where a lab host's private ``path`` lives on this machine."""
+        top = next(p for p in ("/var/lib/smallcloud", "/etc/smallcloud") if path.startswith(p))
+        return self.dir / host / top.strip("/").replace("/", "_") / Path(path).relative_to(top)
+
+    def console(self, host, name):
+        path = self.host_path(host, "/var/lib/smallcloud/instances/%s/console.log" % name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def store(self):
+        """The cloud's records, read with h1's own client settings (its certificate, the cluster's CA)."""
+        from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
+
+        client = json.loads(self.host_path("h1", "/etc/smallcloud/etcd-client.json").read_text())
+        return Store.from_params({
+            "etcd_endpoints": client["endpoints"], "etcd_ca_cert": str(self.host_path("h1", client["ca_cert"])),
+            "etcd_cert": str(self.host_path("h1", client["cert"])),
+            "etcd_key": str(self.host_path("h1", client["key"])),
+        }), client
+
+    def ssh(self, host, command):
+        return ssh(self.dir, HOSTS[host], command)
+
+    @staticmethod
+    def stop_sshd(host):
+        """Every sshd of the host, its listener and the sessions Ansible's ControlPersist keeps open."""
+        pids = subprocess.run(["ip", "netns", "pids", "sclab-" + host], capture_output=True, text=True,
+                              check=True).stdout.split()
+        for pid in pids:
+            if Path("/proc/%s/comm" % pid).exists() and Path("/proc/%s/comm" % pid).read_text().strip() == "sshd":
+                subprocess.run(["kill", pid], check=False)
+
+
+def recap(run):
+    """{host: {"changed", "failures", "unreachable", ...}} of a playbook run."""
+    return run.stats
+
+
+def failures(run):
+    return [(host, task["task"]["name"], result.get("msg")) for task in run.tasks
+            for host, result in task["hosts"].items() if result.get("failed") or result.get("unreachable")]
+
+
+def wait_for(condition, what, timeout=BOOT_TIMEOUT, every=3):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("gave up waiting for %s" % what)
+        time.sleep(every)
+
+
+def probes(console):
+    """The probe lines of a console: [{target: "ok"|"fail"}] in order."""
+    return [dict(item.split("=") for item in line.split()[2:])
+            for line in re.findall(r"SMALLCLOUD-PROBE \d+(?: \S+=(?:ok|fail))+", console)
+            for line in [line]]
+
+
+def in_outside(*argv, timeout=30):
+    return subprocess.run(["ip", "netns", "exec", OUTSIDE_NS, *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory, tiny_image):
+    """A 3-host lab with the image served on the underlay, deployed; down to nothing afterwards."""
+    before = machine_traces()
+    directory = tmp_path_factory.mktemp("multihost") / "lab"
+    up = lab("up", "--hosts", "3", directory=directory)
+    servers = []
+    try:
+        assert up.returncode == 0, up.stderr
+        servers.append(subprocess.Popen(  # noqa: S603 - argv list
+            [sys.executable, "-m", "http.server", "8097", "--bind", UNDERLAY_HOST, "--directory",
+             str(tiny_image.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # The uplink router routes the cloud's outside addresses to the gateway host, and answers HTTP itself.
+        subprocess.run(["ip", "-n", OUTSIDE_NS, "route", "add", POOL, "via", HOSTS["h1"]], check=True)
+        (directory / "outside").mkdir()
+        (directory / "outside" / "index.html").write_text("outside\n")
+        servers.append(subprocess.Popen(  # noqa: S603 - argv list
+            ["ip", "netns", "exec", OUTSIDE_NS, sys.executable, "-m", "http.server", "80", "--bind", OUTSIDE_IP,
+             "--directory", str(directory / "outside")],
+            stdout=subprocess.DEVNULL, stderr=open(directory / "outside.log", "w")))  # noqa: SIM115
+        yield Cloud(directory, "http://%s:8097/tiny.qcow2" % UNDERLAY_HOST, tiny_image.checksums()["tiny.qcow2"])
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        down = lab("down", directory=directory)
+    assert down.returncode == 0, down.stderr
+    assert machine_traces() == before and not [ns for ns in netns_list() if ns.startswith("scnet-")]
+
+
+def test_the_cloud_across_three_lab_hosts(cloud, ansible):
+    # deploy: a 3-member etcd cluster that speaks TLS and wants client certificates, three hypervisors.
+    deploy = cloud.playbook(ansible, "deploy")
+    assert deploy.rc == 0 and failures(deploy) == [], (failures(deploy), deploy.stderr[-2000:])
+    store, client = cloud.store()
+    assert sorted(client["endpoints"]) == ["https://%s:2379" % address for address in sorted(HOSTS.values())]
+    ca = str(cloud.host_path("h1", client["ca_cert"]))
+    health = "https://%s:2379/health" % HOSTS["h2"]
+    assert subprocess.run(["curl", "-sf", "--max-time", "5", "http://%s:2379/health" % HOSTS["h2"]],
+                          check=False).returncode != 0
+    no_cert = subprocess.run(["curl", "-sf", "--max-time", "5", "--cacert", ca, health], check=False)
+    assert no_cert.returncode != 0, "etcd answered a client without a certificate"
+    with_cert = subprocess.run(["curl", "-sf", "--max-time", "5", "--cacert", ca, "--cert",
+                                str(cloud.host_path("h1", client["cert"])), "--key",
+                                str(cloud.host_path("h1", client["key"])), health],
+                               capture_output=True, text=True, check=False)
+    assert '"health":"true"' in with_cert.stdout, with_cert
+
+    # converge: the gateway on h1, guests on h2 and h3, every host meshed with the two others.
+    converge = cloud.playbook(ansible, "converge")
+    assert converge.rc == 0 and failures(converge) == [], (failures(converge), converge.stderr[-2000:])
+    fdb = cloud.ssh("h1", "bridge fdb show | grep '^00:00:00:00:00:00'")
+    assert sorted(set(re.findall(r"dst (\S+)", fdb.stdout))) == [HOSTS["h2"], HOSTS["h3"]], fdb.stdout
+    instances = {name: record for name, record in store.list("instances").items() if "/" not in name}
+    assert sorted(instances) == ["mh-g2", "mh-g3", "mh-g3b"]
+    assert {name: record["host"] for name, record in instances.items()} == {
+        "mh-g2": "h2", "mh-g3": "h3", "mh-g3b": "h3"}
+
+    # Each guest got, over DHCP across VXLAN from h1, the address etcd allocated for it.
+    for name, record in instances.items():
+        console = wait_for(lambda name=name, host=record["host"]: "SMALLCLOUD-READY" in cloud.console(host, name)
+                           and cloud.console(host, name), "%s to boot" % name)
+        leased = re.findall(r"SMALLCLOUD-IP eth0 (\S+)", console)
+        assert leased and leased[0].split("/")[0] == record["interfaces"][0]["ip"], (name, console[-1500:])
+
+    # From the guest on h2 itself: the guest on h3 and the outside answer; the other network's guest does not.
+    seen_before = len(probes(cloud.console("h2", "mh-g2")))
+    rounds = wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen_before:]
+                               if p[PEER_IP] == "ok" and p[OUTSIDE_IP] == "ok"], "mh-g2 to reach mh-g3 and outside")
+    assert rounds[-1][ISOLATED_IP] == "fail", rounds
+    floating = [record for record in store.list("floating_ips").values() if record.get("instance") == "mh-g3"]
+    egress = store.get("networks/mh-net1")["egress_address"]
+    outside_log = (cloud.dir / "outside.log").read_text()
+    assert egress in outside_log and instances["mh-g2"]["interfaces"][0]["ip"] not in outside_log
+
+    # The floating IP of the guest on h3 answers from the outside namespace.
+    def floating_answer():
+        return in_outside("curl", "-s", "--max-time", "3", "http://%s/hostname" % floating[0]["address"]).stdout.strip()
+
+    answer = wait_for(floating_answer, "the floating IP to answer", timeout=60)
+    assert answer == "mh-g3"
+
+    # The re-run changes nothing on any host.
+    again = cloud.playbook(ansible, "converge")
+    assert again.rc == 0 and {host: stats["changed"] for host, stats in recap(again).items()} == dict.fromkeys(
+        HOSTS, 0), [(t["task"]["name"], h) for t in again.tasks for h, r in t["hosts"].items() if r.get("changed")]
+
+    # A hypervisor that cannot be reached: the others converge, its instances' records stay as they were.
+    before = {name: (r["uuid"], r["interfaces"]) for name, r in store.list("instances").items() if "/" not in name}
+    cloud.stop_sshd("h3")
+    lost = cloud.playbook(ansible, "converge")
+    assert recap(lost)["h3"]["unreachable"] == 1 and all(recap(lost)[h]["failures"] == 0 for h in ("h1", "h2"))
+    after = {name: (r["uuid"], r["interfaces"]) for name, r in store.list("instances").items() if "/" not in name}
+    assert after == before
+    assert lab("up", "--hosts", "3", directory=cloud.dir).returncode == 0  # starts h3's sshd again
+    back = cloud.playbook(ansible, "converge")
+    assert back.rc == 0 and sum(stats["changed"] for stats in recap(back).values()) == 0, failures(back)
+
+    # With the etcd member of h1 (every client's first endpoint) stopped, a converge that adds an instance
+    # succeeds: the modules go on to the next member.
+    assert cloud.ssh("h1", "/etc/init.d/etcd stop").returncode == 0
+    try:
+        added = cloud.playbook(ansible, "converge", {"cloud_instances": [
+            *cloud.data["cloud_instances"], cloud.guest("mh-g2b", "h2", "mh-net1")]})
+        assert added.rc == 0 and failures(added) == [], failures(added)
+    finally:
+        assert cloud.ssh("h1", "/etc/init.d/etcd start").returncode == 0
+    assert store.get("instances/mh-g2b")["host"] == "h2"
+
+    # A hypervisor gone for good leaves the inventory: the next converge of the others takes it out of every mesh.
+    two_hosts = cloud.dir / "two-hosts.ini"
+    two_hosts.write_text("".join(line for line in cloud.inventory.read_text().splitlines(keepends=True)
+                                 if not line.startswith("h3 ")))
+    without_h3 = {"cloud_instances": [i for i in cloud.data["cloud_instances"] if i["host"] != "h3"] + [
+        cloud.guest("mh-g2b", "h2", "mh-net1")], "cloud_floating_ips": []}
+    shrunk = cloud.playbook(ansible, "converge", without_h3, inventory=two_hosts)
+    assert shrunk.rc == 0 and failures(shrunk) == [], failures(shrunk)
+    for host in ("h1", "h2"):
+        peers = set(re.findall(r"dst (\S+)", cloud.ssh(host, "bridge fdb show | grep '^00:00:00:00:00:00'").stdout))
+        assert peers == set(HOSTS.values()) - {HOSTS[host], HOSTS["h3"]}, (host, peers)
+    assert HOSTS["h3"] not in store.get("networks/mh-net1")["vteps"]
+    # (Back in the inventory, h3 rejoins the meshes, so that teardown finds every host carrying every network.)
+    rejoined = cloud.playbook(ansible, "converge", {"cloud_instances": [
+        *cloud.data["cloud_instances"], cloud.guest("mh-g2b", "h2", "mh-net1")]})
+    assert rejoined.rc == 0 and failures(rejoined) == [], failures(rejoined)
+    assert HOSTS["h3"] in store.get("networks/mh-net1")["vteps"]
+
+    # teardown leaves no domain, link, namespace or nft table on any host, and no record in etcd.
+    teardown = cloud.playbook(ansible, "teardown")
+    assert teardown.rc == 0 and failures(teardown) == [], failures(teardown)
+    for host in HOSTS:
+        left = cloud.ssh(host, "virsh -c qemu:///system list --all --name; ip -br link | grep -E '^(vx|br|vg|ve)-'; "
+                         "ip netns list; nft list tables")
+        assert left.stdout.strip() == "", (host, left.stdout)
+    assert {folder: store.list(folder) for folder in ("networks", "instances", "floating_ips", "hosts", "vni",
+                                                      "ipam", "mac", "floating")} == dict.fromkeys(
+        ("networks", "instances", "floating_ips", "hosts", "vni", "ipam", "mac", "floating"), {})

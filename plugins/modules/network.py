@@ -105,8 +105,8 @@ options:
         (the hypervisor role registers each host under its inventory name). This host floods to the
         underlay addresses of all of them, including those that have not converged the network yet, and
         the network's record forgets hosts that are no longer listed (a hypervisor gone for good).
-      - A host that is not registered yet is left out (it carries no guest); the M(smallcloud.kvm.cloud) role
-        registers every host of its play before it converges networks, and passes its hypervisors as this list.
+      - A host that is not registered is left out (it carries no guest); the C(smallcloud.kvm.deploy) playbook
+        registers every hypervisor, and the M(smallcloud.kvm.cloud) role passes its hypervisors as this list.
     type: list
     elements: str
   departing_instances:

@@ -175,6 +175,7 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     deploy = cloud.playbook(ansible, "deploy")
     assert deploy.rc == 0 and failures(deploy) == [], (failures(deploy), deploy.stderr[-2000:])
     store, client = cloud.store()
+    assert {name: record["underlay_address"] for name, record in store.list("hosts").items()} == HOSTS
     assert sorted(client["endpoints"]) == ["https://%s:2379" % address for address in sorted(HOSTS.values())]
     ca = str(cloud.host_path("h1", client["ca_cert"]))
     health = "https://%s:2379/health" % HOSTS["h2"]
@@ -267,13 +268,14 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     assert rejoined.rc == 0 and failures(rejoined) == [], failures(rejoined)
     assert HOSTS["h3"] in store.get("networks/mh-net1")["vteps"]
 
-    # teardown leaves no domain, link, namespace or nft table on any host, and no record in etcd.
+    # teardown leaves no domain, link, namespace or nft table on any host, and in etcd only what deploy wrote
+    # (the hosts' registrations).
     teardown = cloud.playbook(ansible, "teardown")
     assert teardown.rc == 0 and failures(teardown) == [], failures(teardown)
     for host in HOSTS:
         left = cloud.ssh(host, "virsh -c qemu:///system list --all --name; ip -br link | grep -E '^(vx|br|vg|ve)-'; "
                          "ip netns list; nft list tables")
         assert left.stdout.strip() == "", (host, left.stdout)
-    assert {folder: store.list(folder) for folder in ("networks", "instances", "floating_ips", "hosts", "vni",
-                                                      "ipam", "mac", "floating")} == dict.fromkeys(
-        ("networks", "instances", "floating_ips", "hosts", "vni", "ipam", "mac", "floating"), {})
+    folders = ("networks", "instances", "floating_ips", "vni", "ipam", "mac", "floating", "locks")
+    assert {folder: store.list(folder) for folder in folders} == dict.fromkeys(folders, {})
+    assert sorted(store.list("hosts")) == sorted(HOSTS)

@@ -216,7 +216,7 @@ class NetworkRunner:
     def mesh_vteps(self, vtep):
         """With ``mesh_hosts``: this host's VTEP and the underlay addresses of those hosts that are registered
         (``hosts/NAME``); None without. A host not registered yet carries no guest, so it is left out until
-        it registers (the cloud role registers every host before it converges networks)."""
+        it registers (the deploy playbook registers every hypervisor)."""
         names = self.params["mesh_hosts"]
         if names is None:
             return None

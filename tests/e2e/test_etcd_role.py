@@ -138,12 +138,7 @@ def converge(ansible, lab, inventory, **kwargs):
 
 def failure(run):
     """The failed tasks' messages, or the raw output when nothing parsed."""
-    messages = []
-    for task in run.tasks:
-        for result in task["hosts"].values():
-            if result.get("failed"):
-                items = [item.get("msg", "") for item in result.get("results", []) if item.get("failed")]
-                messages.append(f"{task['task']['name']}: {result.get('msg')} {' '.join(items)}")
+    messages = [f"{name} on {host}: {message}" for name, host, message in run.failures()]
     return "\n".join(messages) or f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
 
 

@@ -107,16 +107,6 @@ class Cloud:
                 subprocess.run(["kill", pid], check=False)
 
 
-def recap(run):
-    """{host: {"changed", "failures", "unreachable", ...}} of a playbook run."""
-    return run.stats
-
-
-def failures(run):
-    return [(host, task["task"]["name"], result.get("msg")) for task in run.tasks
-            for host, result in task["hosts"].items() if result.get("failed") or result.get("unreachable")]
-
-
 def wait_for(condition, what, timeout=BOOT_TIMEOUT, every=3):
     deadline = time.monotonic() + timeout
     while True:
@@ -173,7 +163,7 @@ def cloud(tmp_path_factory, tiny_image):
 def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     # deploy: a 3-member etcd cluster that speaks TLS and wants client certificates, three hypervisors.
     deploy = cloud.playbook(ansible, "deploy")
-    assert deploy.rc == 0 and failures(deploy) == [], (failures(deploy), deploy.stderr[-2000:])
+    assert deploy.rc == 0 and deploy.failures() == [], (deploy.failures(), deploy.stderr[-2000:])
     store, client = cloud.store()
     assert {name: record["underlay_address"] for name, record in store.list("hosts").items()} == HOSTS
     assert sorted(client["endpoints"]) == ["https://%s:2379" % address for address in sorted(HOSTS.values())]
@@ -191,7 +181,7 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
 
     # converge: the gateway on h1, guests on h2 and h3, every host meshed with the two others.
     converge = cloud.playbook(ansible, "converge")
-    assert converge.rc == 0 and failures(converge) == [], (failures(converge), converge.stderr[-2000:])
+    assert converge.rc == 0 and converge.failures() == [], (converge.failures(), converge.stderr[-2000:])
     fdb = cloud.ssh("h1", "bridge fdb show | grep '^00:00:00:00:00:00'")
     assert sorted(set(re.findall(r"dst (\S+)", fdb.stdout))) == [HOSTS["h2"], HOSTS["h3"]], fdb.stdout
     instances = {name: record for name, record in store.list("instances").items() if "/" not in name}
@@ -225,19 +215,19 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
 
     # The re-run changes nothing on any host.
     again = cloud.playbook(ansible, "converge")
-    assert again.rc == 0 and {host: stats["changed"] for host, stats in recap(again).items()} == dict.fromkeys(
+    assert again.rc == 0 and {host: stats["changed"] for host, stats in again.stats.items()} == dict.fromkeys(
         HOSTS, 0), [(t["task"]["name"], h) for t in again.tasks for h, r in t["hosts"].items() if r.get("changed")]
 
     # A hypervisor that cannot be reached: the others converge, its instances' records stay as they were.
     before = {name: (r["uuid"], r["interfaces"]) for name, r in store.list("instances").items() if "/" not in name}
     cloud.stop_sshd("h3")
     lost = cloud.playbook(ansible, "converge")
-    assert recap(lost)["h3"]["unreachable"] == 1 and all(recap(lost)[h]["failures"] == 0 for h in ("h1", "h2"))
+    assert lost.stats["h3"]["unreachable"] == 1 and all(lost.stats[h]["failures"] == 0 for h in ("h1", "h2"))
     after = {name: (r["uuid"], r["interfaces"]) for name, r in store.list("instances").items() if "/" not in name}
     assert after == before
     assert lab("up", "--hosts", "3", directory=cloud.dir).returncode == 0  # starts h3's sshd again
     back = cloud.playbook(ansible, "converge")
-    assert back.rc == 0 and sum(stats["changed"] for stats in recap(back).values()) == 0, failures(back)
+    assert back.rc == 0 and sum(stats["changed"] for stats in back.stats.values()) == 0, back.failures()
 
     # With the etcd member of h1 (every client's first endpoint) stopped, a converge that adds an instance
     # succeeds: the modules go on to the next member.
@@ -245,7 +235,7 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     try:
         added = cloud.playbook(ansible, "converge", {"cloud_instances": [
             *cloud.data["cloud_instances"], cloud.guest("mh-g2b", "h2", "mh-net1")]})
-        assert added.rc == 0 and failures(added) == [], failures(added)
+        assert added.rc == 0 and added.failures() == [], added.failures()
     finally:
         assert cloud.ssh("h1", "/etc/init.d/etcd start").returncode == 0
     assert store.get("instances/mh-g2b")["host"] == "h2"
@@ -257,7 +247,7 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     without_h3 = {"cloud_instances": [i for i in cloud.data["cloud_instances"] if i["host"] != "h3"] + [
         cloud.guest("mh-g2b", "h2", "mh-net1")], "cloud_floating_ips": []}
     shrunk = cloud.playbook(ansible, "converge", without_h3, inventory=two_hosts)
-    assert shrunk.rc == 0 and failures(shrunk) == [], failures(shrunk)
+    assert shrunk.rc == 0 and shrunk.failures() == [], shrunk.failures()
     for host in ("h1", "h2"):
         peers = set(re.findall(r"dst (\S+)", cloud.ssh(host, "bridge fdb show | grep '^00:00:00:00:00:00'").stdout))
         assert peers == set(HOSTS.values()) - {HOSTS[host], HOSTS["h3"]}, (host, peers)
@@ -265,13 +255,13 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     # (Back in the inventory, h3 rejoins the meshes, so that teardown finds every host carrying every network.)
     rejoined = cloud.playbook(ansible, "converge", {"cloud_instances": [
         *cloud.data["cloud_instances"], cloud.guest("mh-g2b", "h2", "mh-net1")]})
-    assert rejoined.rc == 0 and failures(rejoined) == [], failures(rejoined)
+    assert rejoined.rc == 0 and rejoined.failures() == [], rejoined.failures()
     assert HOSTS["h3"] in store.get("networks/mh-net1")["vteps"]
 
     # teardown leaves no domain, link, namespace or nft table on any host, and in etcd only what deploy wrote
     # (the hosts' registrations).
     teardown = cloud.playbook(ansible, "teardown")
-    assert teardown.rc == 0 and failures(teardown) == [], failures(teardown)
+    assert teardown.rc == 0 and teardown.failures() == [], teardown.failures()
     for host in HOSTS:
         left = cloud.ssh(host, "virsh -c qemu:///system list --all --name; ip -br link | grep -E '^(vx|br|vg|ve)-'; "
                          "ip netns list; nft list tables")

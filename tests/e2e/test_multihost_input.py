@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import yaml
-from harness.ansible import MANAGED_PYTHON
+from harness.ansible import MANAGED_PYTHON, task_name
 from harness.paths import ROOT
 from harness.ports import free_port
 
@@ -32,26 +32,9 @@ def preflight_tasks(role):
     return {task["name"] for task in yaml.safe_load((ROOT / "roles" / role / "tasks" / "preflight.yml").read_text())}
 
 
-def task_name(task):
-    """A task's own name, without the ``role : `` prefix the callback adds."""
-    return task["task"]["name"].split(" : ")[-1]
-
-
-def failures(run):
-    """(task name, host, message) of every failed task, one per failed loop item."""
-    found = []
-    for task in run.tasks:
-        for host, result in task["hosts"].items():
-            if not result.get("failed"):
-                continue
-            items = [item for item in result.get("results", []) if item.get("failed")]
-            found += [(task_name(task), host, item.get("msg", "")) for item in items or [result]]
-    return found
-
-
 def assert_refused(run, task, *needles):
     """The run failed in ``task`` only, and every failure message holds every needle; returns the messages."""
-    found = failures(run)
+    found = run.failures()
     output = f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.rc != 0 and found, output
     assert {name for name, _host, _message in found} == {task}, found
@@ -145,7 +128,7 @@ def test_plaintext_client_off_loopback_is_refused_unless_allowed(ansible, member
     assert_only(run, preflight_tasks("etcd"))
 
     run = members.preflight(ansible, inventory, etcd_allow_plaintext=True)
-    assert run.rc == 0 and failures(run) == [], f"{failures(run)}\n{run.stderr[-3000:]}"
+    assert run.rc == 0 and run.failures() == [], f"{run.failures()}\n{run.stderr[-3000:]}"
     assert any(task_name(task) == PLAINTEXT for task in run.tasks)
     assert_only(run, preflight_tasks("etcd"))
 
@@ -155,7 +138,7 @@ def test_even_member_count_warns_and_advises_an_odd_one(ansible, members):
                                   etcd_tls_peer=False, etcd_tls_client_cert_auth=False)
 
     run = members.preflight(ansible, inventory)
-    assert run.rc == 0 and failures(run) == [], f"{failures(run)}\n{run.stderr[-3000:]}"
+    assert run.rc == 0 and run.failures() == [], f"{run.failures()}\n{run.stderr[-3000:]}"
     (warning,) = [result["msg"] for task in run.tasks if task_name(task) == EVEN
                   for result in task["hosts"].values() if not result.get("skipped")]
     assert warning.startswith("[WARNING] etcd cluster group 'etcd' has 2 members (m1, m2)"), warning
@@ -170,7 +153,7 @@ def test_plaintext_peers_off_loopback_are_refused_naming_each_address(ansible, m
     run = members.preflight(ansible, inventory)
     messages = assert_refused(run, PLAINTEXT, "would serve its 2-member cluster's peers in plaintext on",
                               "etcd_tls_peer", "etcd_allow_plaintext=true")
-    assert sorted((host, "on 192.0.2.1%s:" % host[-1] in message) for _name, host, message in failures(run)) == [
+    assert sorted((host, "on 192.0.2.1%s:" % host[-1] in message) for _name, host, message in run.failures()) == [
         ("p1", True), ("p2", True)], messages
     assert_only(run, preflight_tasks("etcd"))
 

@@ -59,11 +59,28 @@ class PlaybookRun:
     def stats(self):
         return self.report.get("stats", {})
 
+    def failures(self):
+        """(task name without its ``role : `` prefix, host, message) of every failed or unreachable result,
+        one per failed loop item."""
+        found = []
+        for task in self.tasks:
+            for host, result in task["hosts"].items():
+                if not (result.get("failed") or result.get("unreachable")):
+                    continue
+                items = [item for item in result.get("results", []) if item.get("failed")]
+                found += [(task_name(task), host, item.get("msg", "")) for item in items or [result]]
+        return found
+
     def changed_count(self):
         return sum(host.get("changed", 0) for host in self.stats.values())
 
     def failed_count(self):
         return sum(host.get("failures", 0) + host.get("unreachable", 0) for host in self.stats.values())
+
+
+def task_name(task):
+    """A task's own name, without the ``role : `` prefix the callback adds."""
+    return task["task"]["name"].split(" : ")[-1]
 
 
 def local_inventory(directory):

@@ -97,9 +97,7 @@ def world(etcd, kvm_device, http_server, ansible):
 
 def converge(ansible, world, variables, check=False, playbook=None, args=()):
     run = ansible.run_playbook(playbook or world.play, extra_vars=variables, check=check, args=args)
-    failed = [(task["task"]["name"], result.get("msg"),
-               [item.get("msg") for item in result.get("results", []) if item.get("failed")])
-              for task in run.tasks for result in task["hosts"].values() if result.get("failed")]
+    failed = run.failures()
     assert run.rc == 0 and not failed, failed or run.stderr[-3000:]
     return run
 

@@ -119,6 +119,7 @@ from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 from ansible.utils.unsafe_proxy import wrap_var
 
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import SmallcloudError
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import gateway_facts
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import (
@@ -126,11 +127,9 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices imp
     device_names,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
-from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store, client_settings
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 SOURCE_SUFFIXES = (".smallcloud.yml", ".smallcloud.yaml")
-ETCD_OPTIONS = ("etcd_endpoints", "etcd_client_config", "etcd_prefix", "etcd_ca_cert", "etcd_cert", "etcd_key",
-                "etcd_user", "etcd_password", "etcd_timeout")
 
 
 def read_records(store):
@@ -259,21 +258,22 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
 
     def etcd_params(self):
         """The etcd options in the shape Store.from_params takes."""
-        return {option: self.get_option(option) for option in ETCD_OPTIONS}
+        return {option: self.get_option(option) for option in ETCD_ARGS}
 
     def read_etcd(self):
         """read_records from the cloud's etcd; AnsibleParserError naming the endpoints (never the password)."""
         params = self.etcd_params()
         try:
-            endpoints = client_settings(params)["endpoints"]
+            store = Store.from_params(params)  # the client file, when it is the source, is read here once
         except SmallcloudError as error:
             raise AnsibleParserError("smallcloud.kvm.cloud: %s" % error) from error
         try:
-            return read_records(Store.from_params(params))
+            return read_records(store)
         except SmallcloudError as error:
             raise AnsibleParserError(
                 "smallcloud.kvm.cloud: cannot read the cloud's records from etcd at %s (etcd_prefix %s): %s"
-                % (", ".join(endpoints), params["etcd_prefix"], error)) from error
+                % (", ".join(endpoint.url for endpoint in store.gateway.endpoints), params["etcd_prefix"], error)
+            ) from error
 
     def populate(self, listing):
         """Hosts, host variables and groups from the records, then Ansible's constructed options."""

@@ -388,6 +388,11 @@ def ssh_answers(address, timeout=1):
         return False
 
 
+def healthy(report):
+    """Whether a ``Lab.status()`` report has hosts and every one of them answers on every count."""
+    return bool(report) and all(all(state.values()) for state in report.values())
+
+
 def wait_until(condition, what, seconds=WAIT_SECONDS):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -412,7 +417,7 @@ def demo_down(ansible_playbook, extra_args):
     stopped, the lab taken down. Exit status of the teardown playbook, or 0."""
     lab = Lab()
     status = 0
-    if lab.recorded() is not None and all(all(host.values()) for host in lab.status().values()):
+    if healthy(lab.status()):
         make_blocking()
         status = subprocess.run([ansible_playbook, "-i", str(lab.inventory), "smallcloud.kvm.teardown",  # noqa: S603
                                  *extra_args], check=False).returncode
@@ -442,7 +447,7 @@ def main(args):
         elif options.action == "status":
             report = lab.status()
             print(json.dumps({"hosts": report}, indent=2))
-            return 0 if report and all(all(state.values()) for state in report.values()) else 1
+            return 0 if healthy(report) else 1
         else:
             actions = lab.down()
             print(json.dumps({"changed": bool(actions), "actions": actions}))

@@ -78,8 +78,6 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.state.locks import 
 
 DEFAULT_PREFIX = "/smallcloud/v1"
 DEFAULT_ENDPOINTS = ["http://127.0.0.1:2379"]
-
-
 CLIENT_FILE_KEYS = ("endpoints", "ca_cert", "cert", "key")
 
 

@@ -6,15 +6,16 @@ from the addresses etcd allocated, reachability shown from a guest itself, a flo
 the re-run that changes nothing, a lost hypervisor, and the teardown that leaves nothing.
 """
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from harness.netns import netns_list
+from harness.ports import wait_for
 from test_lab import lab, machine_traces, ssh
 
 pytestmark = pytest.mark.e2e
@@ -83,6 +84,11 @@ class Cloud:
         path = self.host_path(host, "/var/lib/smallcloud/instances/%s/console.log" % name)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def booted_console(self, host, name):
+        """The console of a guest once it says it is ready, else ""."""
+        text = self.console(host, name)
+        return text if "SMALLCLOUD-READY" in text else ""
+
     def store(self):
         """The cloud's records, read with h1's own client settings (its certificate, the cluster's CA)."""
         from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
@@ -103,26 +109,15 @@ class Cloud:
         pids = subprocess.run(["ip", "netns", "pids", "sclab-" + host], capture_output=True, text=True,
                               check=True).stdout.split()
         for pid in pids:
-            if Path("/proc/%s/comm" % pid).exists() and Path("/proc/%s/comm" % pid).read_text().strip() == "sshd":
-                subprocess.run(["kill", pid], check=False)
-
-
-def wait_for(condition, what, timeout=BOOT_TIMEOUT, every=3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("gave up waiting for %s" % what)
-        time.sleep(every)
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if Path("/proc/%s/comm" % pid).read_text().strip() == "sshd":
+                    subprocess.run(["kill", pid], check=False)
 
 
 def probes(console):
     """The probe lines of a console: [{target: "ok"|"fail"}] in order."""
     return [dict(item.split("=") for item in line.split()[2:])
-            for line in re.findall(r"SMALLCLOUD-PROBE \d+(?: \S+=(?:ok|fail))+", console)
-            for line in [line]]
+            for line in re.findall(r"SMALLCLOUD-PROBE \d+(?: \S+=(?:ok|fail))+", console)]
 
 
 def in_outside(*argv, timeout=30):
@@ -191,15 +186,16 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
 
     # Each guest got, over DHCP across VXLAN from h1, the address etcd allocated for it.
     for name, record in instances.items():
-        console = wait_for(lambda name=name, host=record["host"]: "SMALLCLOUD-READY" in cloud.console(host, name)
-                           and cloud.console(host, name), "%s to boot" % name)
+        console = wait_for(lambda name=name, host=record["host"]: cloud.booted_console(host, name), BOOT_TIMEOUT,
+                           interval=3, what="%s to boot" % name)
         leased = re.findall(r"SMALLCLOUD-IP eth0 (\S+)", console)
         assert leased and leased[0].split("/")[0] == record["interfaces"][0]["ip"], (name, console[-1500:])
 
     # From the guest on h2 itself: the guest on h3 and the outside answer; the other network's guest does not.
     seen_before = len(probes(cloud.console("h2", "mh-g2")))
     rounds = wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen_before:]
-                               if p[PEER_IP] == "ok" and p[OUTSIDE_IP] == "ok"], "mh-g2 to reach mh-g3 and outside")
+                               if p[PEER_IP] == "ok" and p[OUTSIDE_IP] == "ok"], BOOT_TIMEOUT, interval=3,
+                      what="mh-g2 to reach mh-g3 and outside")
     assert rounds[-1][ISOLATED_IP] == "fail", rounds
     floating = [record for record in store.list("floating_ips").values() if record.get("instance") == "mh-g3"]
     egress = store.get("networks/mh-net1")["egress_address"]
@@ -210,7 +206,7 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     def floating_answer():
         return in_outside("curl", "-s", "--max-time", "3", "http://%s/hostname" % floating[0]["address"]).stdout.strip()
 
-    answer = wait_for(floating_answer, "the floating IP to answer", timeout=60)
+    answer = wait_for(floating_answer, 60, interval=3, what="the floating IP to answer")
     assert answer == "mh-g3"
 
     # The re-run changes nothing on any host.

@@ -135,7 +135,7 @@ def baseline_start(bench, name):
         handle.write(dom_xml.build_xml({
             "name": name, "virt_type": "qemu", "cpus": 1, "memory": 64,
             "disks": [{"device": "disk", "target": "vda", "bus": "virtio", "path": root, "format": "qcow2"},
-                      {"device": "cdrom", "target": "sda", "bus": "sata", "path": bench.seed, "format": "raw"}],
+                      {"device": "cdrom", "target": "sda", "bus": "scsi", "path": bench.seed, "format": "raw"}],
             "nics": [{"mac": "52:54:00:%02x:%02x:%02x" % tuple(random.sample(range(256), 3)),
                       "bridge": bench.bridge}],
             "console_log": os.path.join(directory, "console.log")}))

@@ -9,29 +9,25 @@ MBR disk (syslinux's mbr.bin) with one FAT partition, written with mtools and
 modules a virtio/IDE/SATA guest needs; the init is images/tiny/rcS.
 
 OUTPUT_DIR (default .cache/images/tiny) receives tiny.raw, tiny.qcow2, tiny.raw.xz, SHA256SUMS
-and build-info.json. When the inputs (this script, images/tiny/*, package versions) are unchanged
-the build is skipped: only apt-cache is asked, so a cached run takes well under a second.
+and build-info.json. When the inputs (images/tiny/*, images/diskimage.py, package versions) are
+unchanged the build is skipped: only apt-cache is asked, so a cached run takes well under a second.
 """
 
-import argparse
-import fcntl
 import gzip
-import hashlib
-import json
 import re
-import shutil
 import struct
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # images/: run as a script, not a package
+from diskimage import (  # noqa: E402
+    FAT16_LBA, PARTITION_START, ROOT, SECTOR, BuildError, ImageBuilder, Partition, build_fat,
+    host_tool_versions, inputs_digest, log, main, run, source_files, write_disk, write_sha256sums)
+
 SOURCES = ROOT / "images" / "tiny"
 DEFAULT_OUTPUT = ROOT / ".cache" / "images" / "tiny"
 DEB_CACHE = ROOT / ".cache" / "debs"
 SOURCE_PACKAGES = ("linux-image-amd64", "busybox-static")
-STAMP_FORMAT = 1  # bump to force a rebuild when the output layout changes
 
 # Drivers the guest loads, in this order; their dependencies come first automatically.
 # Anything built into the Debian kernel (=y) is skipped and listed in build-info.json.
@@ -56,24 +52,7 @@ MODULES = (
 )
 
 DISK_MIB = 32
-PARTITION_START = 2048  # sectors: the usual 1 MiB alignment
-SECTOR = 512
-# CHS geometry recorded in the partition table; SeaBIOS and mbr.bin use LBA anyway.
-HEADS, SECTORS_PER_TRACK = 64, 32
-FAT_PARTITION_TYPE = 0x0E  # FAT16, LBA
-
-
-def log(message):
-    print(f"build-tiny-image: {message}", file=sys.stderr, flush=True)
-
-
-def run(argv, **kwargs):
-    """Run a tool; on failure show its output and stop."""
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
-    if result.returncode != 0:
-        sys.exit(f"build-tiny-image: {' '.join(map(str, argv))} failed ({result.returncode}):\n"
-                 f"{result.stdout}{result.stderr}")
-    return result.stdout
+OUTPUTS = ("tiny.raw", "tiny.qcow2", "tiny.raw.xz")
 
 
 # --- packages --------------------------------------------------------------------------------
@@ -107,7 +86,7 @@ def source_versions():
         versions = candidates(SOURCE_PACKAGES)
     missing = [name for name, version in versions.items() if version is None]
     if missing:
-        sys.exit(f"build-tiny-image: no candidate for {' '.join(missing)} even after apt-get update")
+        raise BuildError(f"no candidate for {' '.join(missing)} even after apt-get update")
     return versions
 
 
@@ -116,25 +95,8 @@ def resolve_packages(versions):
     show = apt("apt-cache", "show", f"linux-image-amd64={versions['linux-image-amd64']}")
     match = re.search(r"^Depends:.*?\b(linux-image-[0-9][^\s,]*)\s*\(=\s*([^)\s]+)\)", show, re.M)
     if match is None:
-        sys.exit(f"build-tiny-image: cannot find the versioned kernel in linux-image-amd64's Depends:\n{show}")
+        raise BuildError(f"cannot find the versioned kernel in linux-image-amd64's Depends:\n{show}")
     return [(match.group(1), match.group(2)), ("busybox-static", versions["busybox-static"])]
-
-
-def host_tool_versions():
-    """syslinux's boot code ends up in the image, so its version is an input too."""
-    out = run(["dpkg-query", "-W", "-f", "${Package}=${Version}\\n", "syslinux", "syslinux-common", "mtools"])
-    return out.split()
-
-
-def inputs_digest(versions):
-    """Hash of everything the image is made from; the output is rebuilt when it changes."""
-    digest = hashlib.sha256(f"format={STAMP_FORMAT}\n".encode())
-    for path in [ROOT / "scripts" / "build-tiny-image", *sorted(SOURCES.iterdir())]:
-        if path.is_file() and not path.name.startswith(".") and path.suffix != ".pyc":
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    for line in [f"{name}={version}" for name, version in sorted(versions.items())] + host_tool_versions():
-        digest.update(line.encode() + b"\n")
-    return digest.hexdigest()
 
 
 def deb_path(name, version):
@@ -208,8 +170,8 @@ def module_closure(index, builtin):
                 built_in.append(name)
             return
         if name not in index:
-            sys.exit(f"build-tiny-image: module {name} (needed by {' <- '.join(trail) or 'the guest'}) "
-                     "is neither in the kernel package nor built in")
+            raise BuildError(f"module {name} (needed by {' <- '.join(trail) or 'the guest'}) "
+                             "is neither in the kernel package nor built in")
         for dependency in index[name][1]:
             visit(dependency, [name, *trail])
         ordered.append(name)
@@ -318,57 +280,15 @@ def build_initramfs(busybox, module_root, modules, index):
     return archive.gzipped()
 
 
-# --- disk ------------------------------------------------------------------------------------
-
-def chs(lba):
-    cylinder, rest = divmod(lba, HEADS * SECTORS_PER_TRACK)
-    head, sector = divmod(rest, SECTORS_PER_TRACK)
-    cylinder = min(cylinder, 1023)
-    return bytes([head, ((cylinder >> 2) & 0xC0) | (sector + 1), cylinder & 0xFF])
-
-
-def master_boot_record(total_sectors, disk_signature):
-    """syslinux's mbr.bin plus a partition table with one active FAT partition."""
-    boot_code = Path("/usr/lib/syslinux/mbr/mbr.bin").read_bytes()[:440]
-    count = total_sectors - PARTITION_START
-    entry = (b"\x80" + chs(PARTITION_START) + bytes([FAT_PARTITION_TYPE]) + chs(total_sectors - 1)
-             + struct.pack("<II", PARTITION_START, count))
-    return boot_code.ljust(440, b"\0") + struct.pack("<I", disk_signature) + b"\0\0" + entry + b"\0" * 48 + b"\x55\xaa"
-
-
-def build_fat(path, sectors, files):
-    """A FAT filesystem image with syslinux installed; mtools only, so no loop device or root mount."""
-    with open(path, "wb") as image:
-        image.truncate(sectors * SECTOR)
-    # -H: hidden sectors = the partition's offset, which the FAT boot sector uses to find itself.
-    run(["mformat", "-i", str(path), "-T", str(sectors), "-h", str(HEADS), "-s", str(SECTORS_PER_TRACK),
-         "-H", str(PARTITION_START), "-v", "SMALLCLOUD", "::"])
-    run(["syslinux", "--install", str(path)])
-    for name, source in files.items():
-        run(["mcopy", "-i", str(path), "-m", str(source), f"::{name}"])
-
+# --- disk and outputs ------------------------------------------------------------------------
 
 def build_disk(raw, work, kernel, initrd, digest):
+    """An MBR disk with one bootable FAT partition holding syslinux, the kernel and the initramfs."""
     total_sectors = DISK_MIB * 1024 * 1024 // SECTOR
-    fat = work / "fat.img"
-    build_fat(fat, total_sectors - PARTITION_START,
+    fat = Partition(work / "fat.img", PARTITION_START, total_sectors - PARTITION_START, FAT16_LBA, bootable=True)
+    build_fat(fat.image, fat.sectors,
               {"syslinux.cfg": SOURCES / "syslinux.cfg", "vmlinuz": kernel, "initrd.gz": initrd})
-    with open(raw, "wb") as disk:
-        disk.write(master_boot_record(total_sectors, int(digest[:8], 16)))
-        disk.seek(PARTITION_START * SECTOR)
-        with open(fat, "rb") as source:
-            shutil.copyfileobj(source, disk, 1 << 20)
-        disk.truncate(total_sectors * SECTOR)
-
-
-# --- outputs ---------------------------------------------------------------------------------
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    write_disk(raw, total_sectors, [fat], int(digest[:8], 16))
 
 
 def write_outputs(stage, raw):
@@ -376,36 +296,30 @@ def write_outputs(stage, raw):
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(stage / "tiny.qcow2")])
     # -0: the disk is mostly the kernel's own xz payload; higher levels cost CPU and save under 0.1 %.
     run(["xz", "-k", "-T2", "-0", str(raw)])
-    names = ["tiny.raw", "tiny.qcow2", "tiny.raw.xz"]
-    (stage / "SHA256SUMS").write_text("".join(f"{sha256(stage / name)}  {name}\n" for name in names))
+    write_sha256sums(stage, OUTPUTS)
 
 
-def is_current(output, digest):
-    try:
-        info = json.loads((output / "build-info.json").read_text())
-    except (OSError, ValueError):
-        return False
-    wanted = ["tiny.raw", "tiny.qcow2", "tiny.raw.xz", "SHA256SUMS"]
-    return info.get("inputs") == digest and all((output / name).is_file() for name in wanted)
+class TinyImage(ImageBuilder):
+    prog = "build-tiny-image"
+    description = __doc__.split("\n", maxsplit=1)[0]
 
+    def default_output(self, args):
+        return DEFAULT_OUTPUT
 
-def publish(stage, output):
-    """Swap the finished directory into place, so readers never see half an image set."""
-    if output.exists():
-        old = output.with_name(output.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        stage.rename(output)
-        shutil.rmtree(old)
-    else:
-        stage.rename(output)
+    def outputs(self, args):
+        return [*OUTPUTS, "SHA256SUMS"]
 
+    def inputs(self, args):
+        """The wrapper, images/tiny/*, diskimage.py, package versions, syslinux (its boot code is in the image)."""
+        versions = source_versions()
+        files = [ROOT / "scripts" / "build-tiny-image", ROOT / "images" / "diskimage.py", *source_files(SOURCES)]
+        lines = [f"{name}={version}" for name, version in sorted(versions.items())]
+        lines += host_tool_versions("syslinux", "syslinux-common", "mtools")
+        return inputs_digest(self.stamp_format, files, lines), versions
 
-def build(output, versions, digest):
-    packages = resolve_packages(versions)
-    kernel_deb, busybox_deb = download(packages)
-    with tempfile.TemporaryDirectory(prefix=".tiny-build-", dir=output.parent) as scratch:
-        work = Path(scratch)
+    def build(self, plan, digest, work, stage):
+        packages = resolve_packages(plan)
+        kernel_deb, busybox_deb = download(packages)
         log(f"unpacking {kernel_deb.name} and {busybox_deb.name}")
         run(["dpkg-deb", "-x", str(kernel_deb), str(work / "kernel")])
         run(["dpkg-deb", "-x", str(busybox_deb), str(work / "busybox")])
@@ -415,37 +329,11 @@ def build(output, versions, digest):
         log(f"kernel {module_root.name}; modules: {' '.join(modules)}; built in: {' '.join(built_in) or '-'}")
         initrd = work / "initrd.gz"
         initrd.write_bytes(build_initramfs(work / "busybox" / "bin" / "busybox", module_root, modules, index))
-        stage = work / "out"
-        stage.mkdir()
         build_disk(stage / "tiny.raw", work, next((work / "kernel" / "boot").glob("vmlinuz-*")), initrd, digest)
         write_outputs(stage, stage / "tiny.raw")
-        info = {"inputs": digest, "packages": dict(packages), "kernel": module_root.name,
-                "modules": modules, "built_in": built_in, "disk_mib": DISK_MIB,
-                "initrd_bytes": initrd.stat().st_size}
-        (stage / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
-        publish(stage, output)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="build-tiny-image", description=__doc__.split("\n", maxsplit=1)[0])
-    parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
-    args = parser.parse_args(argv)
-    output = args.output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # One builder per output directory: parallel test sessions wait, then find the image current.
-    with open(output.parent / f".{output.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        versions = source_versions()
-        digest = inputs_digest(versions)
-        if not args.force and is_current(output, digest):
-            log(f"{output} is up to date")
-        else:
-            build(output, versions, digest)
-            log(f"built {output}")
-    print(output)
-    return 0
+        return {"packages": dict(packages), "kernel": module_root.name, "modules": modules, "built_in": built_in,
+                "disk_mib": DISK_MIB, "initrd_bytes": initrd.stat().st_size}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(TinyImage()))

@@ -17,9 +17,10 @@ description:
   - Host variables - C(smallcloud_uuid), C(smallcloud_hypervisor) (the host the instance runs on),
     C(smallcloud_networks) (names), C(smallcloud_interfaces) (a list of C(network), C(ip), C(mac)),
     C(smallcloud_ips), C(smallcloud_macs), C(smallcloud_image), C(smallcloud_state),
-    C(smallcloud_floating_ips) and C(smallcloud_gateways) (per network of the instance - C(vtep), the underlay
-    address of the hypervisor that carries the network's gateway, C(namespace), the gateway namespace there,
-    and C(ip), the gateway address inside the network).
+    C(smallcloud_floating_ips), C(smallcloud_metadata) (the instance's C(metadata) key/value strings) and
+    C(smallcloud_gateways) (per network of the instance - C(vtep), the underlay address of the hypervisor that
+    carries the network's gateway, C(namespace), the gateway namespace there, and C(ip), the gateway address
+    inside the network).
   - With O(default_groups), every host is in the group C(smallcloud) and in C(network_NAME),
     C(hypervisor_HOST), C(state_STATE) and C(image_IMAGE), sanitized as Ansible sanitizes group names
     (characters not allowed in a group name become C(_)). Then O(compose), O(groups) and O(keyed_groups) apply.
@@ -52,6 +53,30 @@ options:
     type: list
     elements: str
     default: []
+  metadata:
+    description:
+      - Only instances whose C(metadata) has all of these keys with these values; empty for all.
+    type: dict
+    default: {}
+  gateway_proxy:
+    description:
+      - Instances without a floating IP get C(ansible_ssh_common_args) with an SSH C(ProxyCommand) through the
+        hypervisor that carries their first network's gateway (its underlay address); there the connection
+        is made from the gateway namespace with C(ip netns exec NAMESPACE nc HOST PORT) (the hypervisor role
+        installs C(nc)). A O(compose) of C(ansible_ssh_common_args) still wins.
+    type: bool
+    default: false
+  gateway_proxy_user:
+    description:
+      - User the proxy logs in to the hypervisor as; one other than C(root) runs C(sudo -n ip netns exec).
+    type: str
+    default: root
+  gateway_proxy_ssh_args:
+    description:
+      - Extra options of the proxy's own SSH command (for example C(-i KEY -o StrictHostKeyChecking=no)).
+        No double quotes - the value sits inside the double-quoted C(ProxyCommand).
+    type: str
+    default: ""
   default_groups:
     description:
       - Add the hosts to the groups C(smallcloud), C(network_NAME), C(hypervisor_HOST), C(state_STATE) and
@@ -61,10 +86,8 @@ options:
 notes:
   - An instance without a floating IP has only addresses inside its cloud network, which the controller does
     not route to. Its network's gateway namespace on the hypervisor that carries the gateway does reach it, so
-    an SSH C(ProxyCommand) through that hypervisor (C(ip netns exec NAMESPACE nc HOST PORT), which needs root
-    and C(nc) there) reaches the guest; the EXAMPLES show it as a O(compose) of C(ansible_ssh_common_args).
-    That example needs a real guest with SSH, so the collection's tests check the variables it uses, not the
-    SSH connection itself.
+    an SSH C(ProxyCommand) through that hypervisor reaches the guest - O(gateway_proxy) sets it up. The
+    collection's end-to-end test logs in to a real guest that way.
   - "With O(cache), the records are read from etcd once and kept in the cache plugin until O(cache_timeout);
     C(--flush-cache) or C(meta: refresh_inventory) reads etcd again and refreshes the cache."
 requirements:
@@ -105,12 +128,18 @@ cache_timeout: 300
 # hypervisor carrying the gateway (its underlay address, as root) and connect from the gateway namespace.
 # Instances with a floating IP are reached directly.
 plugin: smallcloud.kvm.cloud
+gateway_proxy: true
+gateway_proxy_ssh_args: -i ~/.ssh/hypervisors
 compose:
   ansible_user: "'debian'"
-  ansible_ssh_common_args: >-
-    '' if smallcloud_floating_ips else
-    '-o ProxyCommand="ssh -o BatchMode=yes root@%s ip netns exec %s nc %%h %%p"'
-    | format(smallcloud_gateways[smallcloud_networks[0]].vtep, smallcloud_gateways[smallcloud_networks[0]].namespace)
+
+# prod.smallcloud.yml - only the instances a converge tagged with metadata, grouped by role
+plugin: smallcloud.kvm.cloud
+metadata:
+  environment: prod
+keyed_groups:
+  - key: smallcloud_metadata.role
+    prefix: role
 """
 
 import ipaddress
@@ -138,12 +167,24 @@ def read_records(store):
             "floating_ips": records.floating_ips(store)}
 
 
-def selected(record, states=(), networks=(), hypervisors=()):
+def selected(record, states=(), networks=(), hypervisors=(), metadata=None):
     """Whether an instance record passes the filters (an empty filter passes everything)."""
     attached = {nic.get("network") for nic in record.get("interfaces") or []}
+    recorded = record.get("metadata") or {}
     return ((not states or record.get("state") in states)
             and (not networks or bool(attached & set(networks)))
-            and (not hypervisors or record.get("host") in hypervisors))
+            and (not hypervisors or record.get("host") in hypervisors)
+            and all(recorded.get(key) == value for key, value in (metadata or {}).items()))
+
+
+def proxy_args(gateway, user="root", ssh_args=""):
+    """``ansible_ssh_common_args`` reaching a guest from its network's gateway namespace on ``gateway``'s host."""
+    if not gateway.get("vtep") or not gateway.get("namespace"):
+        return None
+    sudo = "" if user == "root" else "sudo -n "
+    hop = " ".join(part for part in ("ssh", ssh_args.strip(), "-o BatchMode=yes") if part)
+    return '-o ProxyCommand="%s %s@%s %sip netns exec %s nc %%h %%p"' % (
+        hop, user, gateway["vtep"], sudo, gateway["namespace"])
 
 
 def floating_of(name, interfaces, floating_ips):
@@ -184,6 +225,7 @@ def host_vars(name, record, networks, floating_ips, namespace_prefix=DEFAULT_NAM
         "smallcloud_image": record.get("image"),
         "smallcloud_state": record.get("state"),
         "smallcloud_floating_ips": floating,
+        "smallcloud_metadata": dict(record.get("metadata") or {}),
         "smallcloud_gateways": {network: gateway_of(networks[network], namespace_prefix)
                                 for network in names if network in networks},
     }
@@ -203,20 +245,25 @@ def default_groups(record):
     return list(dict.fromkeys(groups))
 
 
-def inventory_entries(listing, *, states=(), networks=(), hypervisors=(), groups=True,
-                      namespace_prefix=DEFAULT_NAMESPACE_PREFIX):
-    """``[{"name", "vars", "groups"}]`` of the selected instances of ``listing`` (read_records), sorted by name."""
+def inventory_entries(listing, *, states=(), networks=(), hypervisors=(), metadata=None, groups=True,
+                      namespace_prefix=DEFAULT_NAMESPACE_PREFIX, proxy=None):
+    """``[{"name", "vars", "groups"}]`` of the selected instances of ``listing`` (read_records), sorted by name.
+
+    ``proxy``: ``{"user", "ssh_args"}`` to give instances without a floating IP a gateway proxy command.
+    """
     entries = []
     for key, record in sorted((listing.get("instances") or {}).items()):
-        if not isinstance(record, dict) or not selected(record, states, networks, hypervisors):
+        if not isinstance(record, dict) or not selected(record, states, networks, hypervisors, metadata):
             continue
         name = record.get("name") or key
-        entries.append({
-            "name": name,
-            "vars": host_vars(name, record, listing.get("networks") or {}, listing.get("floating_ips") or {},
-                              namespace_prefix),
-            "groups": default_groups(record) if groups else [],
-        })
+        variables = host_vars(name, record, listing.get("networks") or {}, listing.get("floating_ips") or {},
+                              namespace_prefix)
+        first = (variables["smallcloud_networks"] or [None])[0]
+        if proxy is not None and not variables["smallcloud_floating_ips"] and first in variables["smallcloud_gateways"]:
+            args = proxy_args(variables["smallcloud_gateways"][first], proxy["user"], proxy["ssh_args"])
+            if args:
+                variables["ansible_ssh_common_args"] = args
+        entries.append({"name": name, "vars": variables, "groups": default_groups(record) if groups else []})
     return entries
 
 
@@ -280,8 +327,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         strict = self.get_option("strict")
         entries = inventory_entries(
             listing, states=self.get_option("states"), networks=self.get_option("networks"),
-            hypervisors=self.get_option("hypervisors"), groups=self.get_option("default_groups"),
-            namespace_prefix=self.get_option("namespace_prefix"),
+            hypervisors=self.get_option("hypervisors"), metadata=self.get_option("metadata"),
+            groups=self.get_option("default_groups"), namespace_prefix=self.get_option("namespace_prefix"),
+            proxy={"user": self.get_option("gateway_proxy_user"), "ssh_args": self.get_option("gateway_proxy_ssh_args")}
+            if self.get_option("gateway_proxy") else None,
         )
         for entry in entries:
             host = entry["name"]

@@ -11,7 +11,9 @@ description:
   - The root disk is a qcow2 overlay on the image from the image cache (see M(smallcloud.kvm.image)), grown
     to O(disk_size) and never shrunk. Ephemeral disks are created fresh. A cloud-init NoCloud seed (ISO
     labelled C(cidata)) carries the hostname, SSH keys, user-data and a network-config that takes DHCP on
-    every NIC.
+    every NIC, plus vendor-data setting C(manage_etc_hosts) to true so the guest's own name resolves (user-data
+    that sets C(manage_etc_hosts) wins). It is a cdrom on a virtio-scsi controller, which every cloud kernel
+    sees (Debian's C(linux-image-cloud-amd64) has no SATA driver).
   - Each NIC gets a MAC and an IP allocated in etcd (owner C(instance/NAME)) and attaches to its network's
     bridge C(br-<vni hex>); when the network's DHCP runs on this host its static leases are refreshed.
   - The serial console is logged to C(<instances_dir>/NAME/console.log).
@@ -45,7 +47,8 @@ options:
     description:
       - Instances to converge in one call, each a dict with any of the per-instance options O(name) (required),
         O(image), O(image_checksum), O(cpus), O(memory), O(disk_size), O(ephemeral_disks), O(networks),
-        O(ssh_keys), O(user_data), O(hostname), O(state), O(virt_type), O(shutdown_timeout), O(autostart).
+        O(ssh_keys), O(user_data), O(hostname), O(state), O(virt_type), O(shutdown_timeout), O(autostart),
+        O(metadata).
       - A key left out takes the value of the top-level option, so shared settings are given once.
     type: list
     elements: dict
@@ -122,6 +125,29 @@ options:
     description: Start the domain when libvirtd starts.
     type: bool
     default: false
+  metadata:
+    description:
+      - Key/value strings recorded with the instance in etcd and returned, for the user's own bookkeeping
+        (role, owner, ...). The inventory plugin P(smallcloud.kvm.cloud#inventory) exposes them as
+        C(smallcloud_metadata) and filters on them.
+      - Keys are 1-63 letters, digits, C(_), C(.) or C(-); values must be strings (quote numbers in YAML).
+      - Changing them rewrites the record only; the guest does not see them.
+    type: dict
+    default: {}
+  wait_for:
+    description:
+      - V(ssh) waits, after every change is applied, until each running instance of the call answers with
+        an SSH banner on port 22, so the next play can log in. Not in check mode.
+      - An instance is probed on its first interface's address from that network's gateway namespace when
+        the gateway runs on this host (the path the inventory plugin's proxy command takes), else on its
+        floating IP. An instance with neither is refused before anything changes.
+    type: str
+    choices: [none, ssh]
+    default: none
+  wait_timeout:
+    description: Seconds O(wait_for) waits for all instances of the call together; C(0) probes once.
+    type: int
+    default: 300
   instances_dir:
     description: Directory holding one subdirectory per instance with its disks, seed and console log.
     type: path
@@ -216,6 +242,13 @@ instances:
     hostname:
       description: Guest hostname.
       type: str
+    metadata:
+      description: The instance's O(metadata).
+      type: dict
+    ssh_after:
+      description: With O(wait_for=ssh), seconds until the guest answered SSH.
+      type: float
+      returned: when O(wait_for=ssh) and the instance is running
     changed:
       description: Whether this instance changed.
       type: bool

@@ -63,8 +63,20 @@ options:
     description: Run dnsmasq in the gateway namespace with static leases for the recorded instances.
     type: bool
     default: true
+  dns:
+    description:
+      - The gateway answers DNS on its address and DHCP hands it out as the guests' resolver. It answers
+        the hostnames of the network's instances (the first label of each instance's C(hostname)) and
+        forwards other names to the resolvers in the gateway namespace's C(resolv.conf) (the host's, or
+        C(/etc/netns/NAMESPACE/resolv.conf)), which are reachable from there with O(nat=true).
+      - Served by the gateway's dnsmasq, so it needs O(dhcp=true). Ignored when O(dns_servers) is set.
+      - V(false) hands out no DNS server at all, as before this option existed.
+    type: bool
+    default: true
   dns_servers:
-    description: DNS servers handed out by DHCP; none when empty (dnsmasq itself serves no DNS).
+    description:
+      - DNS servers handed out by DHCP instead of the gateway; the gateway then answers no DNS.
+      - Empty means the gateway when O(dns=true), else none.
     type: list
     elements: str
     default: []

@@ -145,14 +145,17 @@ class Lab:
         if OUTSIDE not in netns_list():
             run(["ip", "netns", "add", OUTSIDE])
             self.veth_into(OUTSIDE, "sclab-out", OUTSIDE_ADDRESS, gateway=None)
+            # A router between the hosts too: a host reaches a floating IP (routed to the gateway host) via it.
+            run(["ip", "netns", "exec", OUTSIDE, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
             actions.append("created the outside namespace %s" % OUTSIDE)
         return actions
 
     def veth_into(self, netns, host_end, address, gateway=OUTSIDE_ADDRESS):
         """A veth from the underlay bridge into ``netns`` (inside: eth0 with ``address``), both ends up.
 
-        Hosts route by default to the outside namespace, the uplink router, which routes nothing further:
-        guest traffic to anywhere else ends there instead of leaving through this machine."""
+        Hosts route by default to the outside namespace, the uplink router, which forwards only between the
+        underlay's own routes and has no default route: guest traffic to anywhere else ends there instead of
+        leaving through this machine."""
         run(["ip", "link", "add", host_end, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
              "mtu", str(UNDERLAY_MTU), "netns", netns])
         run(["ip", "link", "set", host_end, "master", BRIDGE, "up"])

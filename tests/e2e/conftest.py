@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from harness.host import virsh
 from harness.ksm import LOCK, ksm_locked_and_restored
-from tinyimage import build_tiny_image
+from tinyimage import build_debian_image, build_tiny_image
 
 FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -19,6 +19,13 @@ def tiny_image():
     in .cache/images/tiny across runs; rebuilt only when the build script or its inputs change.
     Serve it with ``http_server(tiny_image.directory)``; never write to its files (use an overlay)."""
     return build_tiny_image()
+
+
+@pytest.fixture(scope="session")
+def debian_image():
+    """The Debian 12 cloud image (cloud and generic kernel variants, SHA256SUMS), built once and cached in
+    .cache/images/debian-bookworm; for the tests that need real cloud-init, systemd and sshd."""
+    return build_debian_image()
 
 
 @pytest.fixture

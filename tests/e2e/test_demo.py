@@ -62,3 +62,13 @@ def test_demo_comes_up_reruns_unchanged_and_tears_down(machine_as_found):
     finally:
         demo("--teardown")
     assert demo_traces() == before
+
+
+def test_an_unknown_demo_image_is_refused_naming_it_before_anything_changes():
+    before = demo_traces()
+    result = subprocess.run([str(SMALLCLOUD), "demo", "-e", "demo_image=centos"], capture_output=True, text=True,
+                            env=ansible_env(), timeout=600, check=False)
+    assert result.returncode != 0
+    refused = task_result(json.loads(result.stdout), "Check the demo's input")
+    assert refused["failed"] and "demo_image one of tiny, debian (got centos)" in refused["msg"], refused
+    assert demo_traces() == before

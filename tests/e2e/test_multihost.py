@@ -6,21 +6,18 @@ from the addresses etcd allocated, reachability shown from a guest itself, a flo
 the re-run that changes nothing, a lost hypervisor, and the teardown that leaves nothing.
 """
 
-import contextlib
-import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from harness.netns import netns_list
 from harness.ports import wait_for
-from test_lab import lab, machine_traces, ssh
+from labcloud import HOSTS, LabCloud
+from test_lab import lab, machine_traces
 
 pytestmark = pytest.mark.e2e
 
-HOSTS = {"h1": "10.250.0.11", "h2": "10.250.0.12", "h3": "10.250.0.13"}
 UNDERLAY_HOST, OUTSIDE_NS, OUTSIDE_IP = "10.250.0.1", "sclab-outside", "10.250.0.254"
 POOL = "198.18.61.0/24"  # egress and floating addresses; the uplink (outside namespace) routes it to h1
 PEER_IP, ISOLATED_IP = "10.61.0.30", "10.62.0.30"
@@ -45,12 +42,11 @@ done
 BOOT_TIMEOUT = 420
 
 
-class Cloud:
-    """The lab, its inventory and the cloud's data; playbooks run against it."""
+class Cloud(LabCloud):
+    """The lab cloud of three tiny guests."""
 
     def __init__(self, directory, image_url, image_sha256):
-        self.dir = Path(directory)
-        self.inventory = self.dir / "inventory.ini"
+        super().__init__(directory)
         self.image = image = {"url": image_url, "checksum": "sha256:" + image_sha256}
 
         self.data = {
@@ -71,47 +67,10 @@ class Cloud:
         return {"name": name, "host": host, "image": self.image["url"], "image_checksum": self.image["checksum"],
                 "memory": 128, "cpus": 1, "networks": [network], **extra}
 
-    def playbook(self, ansible, name, extra=None, inventory=None, args=()):
-        return ansible.run_playbook("smallcloud.kvm." + name, inventory=inventory or self.inventory,
-                                    extra_vars={**self.data, **(extra or {})}, args=args, timeout=1200)
-
-    def host_path(self, host, path):
-        """Where a lab host's private ``path`` lives on this machine."""
-        top = next(p for p in ("/var/lib/smallcloud", "/etc/smallcloud") if path.startswith(p))
-        return self.dir / host / top.strip("/").replace("/", "_") / Path(path).relative_to(top)
-
-    def console(self, host, name):
-        path = self.host_path(host, "/var/lib/smallcloud/instances/%s/console.log" % name)
-        return path.read_text(errors="replace") if path.exists() else ""
-
     def booted_console(self, host, name):
         """The console of a guest once it says it is ready, else ""."""
         text = self.console(host, name)
         return text if "SMALLCLOUD-READY" in text else ""
-
-    def store(self):
-        """The cloud's records, read with h1's own client settings (its certificate, the cluster's CA)."""
-        from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
-
-        client = json.loads(self.host_path("h1", "/etc/smallcloud/etcd-client.json").read_text())
-        return Store.from_params({
-            "etcd_endpoints": client["endpoints"], "etcd_ca_cert": str(self.host_path("h1", client["ca_cert"])),
-            "etcd_cert": str(self.host_path("h1", client["cert"])),
-            "etcd_key": str(self.host_path("h1", client["key"])),
-        }), client
-
-    def ssh(self, host, command):
-        return ssh(self.dir, HOSTS[host], command)
-
-    @staticmethod
-    def stop_sshd(host):
-        """Every sshd of the host, its listener and the sessions Ansible's ControlPersist keeps open."""
-        pids = subprocess.run(["ip", "netns", "pids", "sclab-" + host], capture_output=True, text=True,
-                              check=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                if Path("/proc/%s/comm" % pid).read_text().strip() == "sshd":
-                    subprocess.run(["kill", pid], check=False)
 
 
 def probes(console):

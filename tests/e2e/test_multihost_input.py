@@ -160,15 +160,25 @@ def test_plaintext_peers_off_loopback_are_refused_naming_each_address(ansible, m
 
 @pytest.mark.parametrize("declared, task, needles", [
     pytest.param({"cloud_instances": [{"name": "vm-lost", "host": "elsewhere"}]},
-                 "Check that instances name hosts of this play",
+                 "Check the role's variables",
                  ["instance vm-lost names host elsewhere, which is not in this play",
                   "instances run on the play's hypervisors: ['localhost']"],
                  id="instance-host"),
     pytest.param({"cloud_networks": [{"name": "net-lost", "cidr": "10.129.0.0/24", "gateway_host": "elsewhere"}]},
-                 "Check that network gateways are hosts of this play",
+                 "Check the role's variables",
                  ["network net-lost has gateway_host elsewhere, which is not a hypervisor of this play",
                   "one of ['localhost']"],
                  id="network-gateway"),
+    pytest.param({"cloud_networks": [{"name": "twice", "cidr": "10.129.0.0/24"},
+                                     {"name": "twice", "cidr": "10.130.0.0/24"}]},
+                 "Check the role's variables",
+                 ["every network and instance needs a unique `name`; networks: ['twice', 'twice']"],
+                 id="duplicate-name"),
+    pytest.param({"cloud_floating_ips": [{"network": "nowhere", "instance": "vm"}]},
+                 "Check the role's variables",
+                 ["floating IP {'network': 'nowhere', 'instance': 'vm'} is incomplete",
+                  "a floating IP needs `network` (one of [])"],
+                 id="floating-ip"),
 ])
 def test_converge_refuses_hosts_outside_the_play(ansible, tmp_path, declared, task, needles):
     # test_cloud_role.py converges only declarations that are valid: neither case is covered there.

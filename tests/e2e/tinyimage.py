@@ -1,7 +1,8 @@
-"""The tiny guest image for tests: build it (scripts/build-tiny-image), seed it, boot it under TCG.
+"""The guest images for tests: build the tiny one (scripts/build-tiny-image), seed it, boot it under TCG;
+build the Debian cloud image (scripts/build-debian-image) for the tests that need a real OS.
 
-The demo calls scripts/build-tiny-image directly; this module is the test-side wrapper around it
-plus the helpers every guest test needs: a NoCloud seed, a QEMU guest and its serial console.
+The demo calls the build scripts directly; this module is the test-side wrapper around them plus the
+helpers every guest test needs: a NoCloud seed, a QEMU guest and its serial console.
 """
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-tiny-image"
+DEBIAN_BUILD_SCRIPT = ROOT / "scripts" / "build-debian-image"
 # Markers the guest prints on ttyS0, in this order (SMALLCLOUD-IP once per leased interface).
 BOOT, SEED, HOSTNAME, IP, READY = (
     "SMALLCLOUD-BOOT", "SMALLCLOUD-SEED", "SMALLCLOUD-HOSTNAME", "SMALLCLOUD-IP", "SMALLCLOUD-READY")
@@ -52,17 +54,46 @@ class TinyImage:
 
     def checksums(self):
         """{file name: sha256 hex} from SHA256SUMS."""
-        lines = self.sha256sums.read_text().splitlines()
-        return {name.lstrip("*"): digest for digest, name in (line.split(None, 1) for line in lines)}
+        return read_sha256sums(self.sha256sums)
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """The Debian cloud image set: one root file system booted by Debian's cloud kernel or its generic one."""
+
+    directory: Path
+    release: str = "bookworm"
+
+    def name(self, kernel="cloud"):
+        return f"debian-{self.release}.qcow2" if kernel == "cloud" else f"debian-{self.release}-{kernel}.qcow2"
+
+    def checksums(self):
+        """{file name: sha256 hex} from SHA256SUMS."""
+        return read_sha256sums(self.directory / "SHA256SUMS")
+
+
+def read_sha256sums(path):
+    lines = Path(path).read_text().splitlines()
+    return {name.lstrip("*"): digest for digest, name in (line.split(None, 1) for line in lines)}
+
+
+def run_build(script, argv, timeout):
+    """Run an image build script (a no-op when its inputs are unchanged); the output directory it printed."""
+    result = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script.name} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def build_tiny_image(output=None, force=False, timeout=900):
-    """Run the build script (a no-op when its inputs are unchanged) and return the image set."""
-    argv = [str(BUILD_SCRIPT)] + ([str(output)] if output else []) + (["--force"] if force else [])
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"build-tiny-image failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    return TinyImage(Path(result.stdout.strip().splitlines()[-1]))
+    """The tiny image set, built or found current."""
+    return TinyImage(run_build(BUILD_SCRIPT, ([str(output)] if output else []) + (["--force"] if force else []),
+                               timeout))
+
+
+def build_debian_image(release="bookworm", timeout=1800):
+    """The Debian cloud image set (about 3-5 minutes the first time, then cached in .cache/images)."""
+    return DebianImage(run_build(DEBIAN_BUILD_SCRIPT, ["--release", release], timeout), release)
 
 
 def make_seed(path, hostname, user_data=None, fs="iso9660", instance_id="iid-tiny"):
@@ -217,11 +248,12 @@ class LibvirtGuest:
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <features><acpi/></features>
   <devices>
+    <controller type='scsi' index='0' model='virtio-scsi'/>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/><source file='{self.disk}'/><target dev='vda' bus='virtio'/>
     </disk>
     <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw'/><source file='{self.seed}'/><target dev='sda' bus='sata'/><readonly/>
+      <driver name='qemu' type='raw'/><source file='{self.seed}'/><target dev='sda' bus='scsi'/><readonly/>
     </disk>
     <serial type='file'><source path='{self.console.path}'/><target port='0'/></serial>
   </devices>

@@ -234,7 +234,7 @@ def test_one_host_lifecycle(ansible, etcd, lab):
     mac = "02:73:63:00:00:11"
     address = add_instance(store, "vm1", "net1", mac, "10.10.0.0/24")
     leases = ansible.run_module("network", args, diff=True)
-    assert "reload dnsmasq leases (SIGHUP)" in leases["actions"], leases["actions"]
+    assert "reload dnsmasq leases and names (SIGHUP)" in leases["actions"], leases["actions"]
     assert address in leases["diff"]["after"]["leases"]
     guest = lab.guest(hv, bridge, mac)
     assert lab.dhcp(guest) == "%s 24 10.10.0.1 1450" % address

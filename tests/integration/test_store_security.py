@@ -1,10 +1,12 @@
 """The store against etcd with authentication and with client-certificate TLS (each its own etcd)."""
 
+import json
 import ssl
 import subprocess
 import urllib.request
 
 import pytest
+from harness.ansible import VENV_BIN, ansible_env
 from harness.etcd import ETCD_BINARY, EtcdCluster, EtcdMember
 from harness.ports import wait_for
 
@@ -164,3 +166,32 @@ def test_tls_failures_are_auth_errors_naming_the_endpoint(tls_etcd, ca, cert):
     with pytest.raises(StoreAuthError) as caught:
         _tls_store(endpoint, pki, ca=ca, cert=cert).get("hosts/h1")
     assert "TLS" in caught.value.msg and endpoint in caught.value.msg
+
+
+def test_inventory_plugin_over_tls_reads_the_cloud_and_a_wrong_ca_is_a_clear_error(tls_etcd, tmp_path):
+    """The inventory plugin speaks the modules' TLS options; a CA that did not sign etcd's certificate is
+    refused naming the endpoint, and no inventory comes out of it."""
+    endpoint, pki = tls_etcd
+    store = _tls_store(endpoint, pki)
+    store.put("instances/tls-vm", {"name": "tls-vm", "state": "running", "host": "hv", "interfaces": [
+        {"network": "n", "mac": "02:73:63:00:20:01", "ip": "10.30.0.5"}], "metadata": {"role": "db"}})
+    try:
+        def inventory(ca):
+            source = tmp_path / ("%s.smallcloud.yml" % ca)
+            source.write_text(json.dumps({
+                "plugin": "smallcloud.kvm.cloud", "etcd_endpoints": [endpoint], "etcd_prefix": "/tls-test/v1",
+                "etcd_ca_cert": str(pki / (ca + ".pem")), "etcd_cert": str(pki / "client.pem"),
+                "etcd_key": str(pki / "client.key"), "metadata": {"role": "db"}}))
+            return subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", str(source), "--list"],
+                                  capture_output=True, text=True, timeout=120, check=False,
+                                  env=ansible_env({"ANSIBLE_INVENTORY_UNPARSED_FAILED": "1"}))
+
+        good = inventory("ca")
+        assert good.returncode == 0, good.stderr
+        assert "tls-vm" in json.loads(good.stdout)["_meta"]["hostvars"]
+        wrong = inventory("other-ca")
+        assert wrong.returncode != 0
+        output = wrong.stdout + wrong.stderr
+        assert "smallcloud.kvm.cloud" in output and endpoint in output and "TLS" in output, output
+    finally:
+        store.delete_prefix("instances")

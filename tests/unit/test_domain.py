@@ -1,5 +1,7 @@
 """Domain XML: build, read libvirt's normalised XML back, compare field by field (test:///default)."""
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain
@@ -15,7 +17,7 @@ SPEC = {
     "disks": [
         {"device": "disk", "target": "vda", "bus": "virtio", "path": "/srv/i/root.qcow2", "format": "qcow2"},
         {"device": "disk", "target": "vdb", "bus": "virtio", "path": "/srv/i/ephemeral-0.qcow2", "format": "qcow2"},
-        {"device": "cdrom", "target": "sda", "bus": "sata", "path": "/srv/i/seed.iso", "format": "raw"},
+        {"device": "cdrom", "target": "sda", "bus": "scsi", "path": "/srv/i/seed.iso", "format": "raw"},
     ],
     "nics": [{"mac": "02:73:63:00:00:01", "bridge": "br-a1", "model": "virtio"}],
     "console_log": "/srv/i/console.log",
@@ -92,18 +94,34 @@ def test_observe_reads_a_foreign_domain_as_unmanaged():
     assert observed["managed"] is False and observed["disks"] == [] and observed["memory"] == 1024
 
 
-def test_libvirt_normalised_definition_matches_the_spec():
+def libvirt_normalised(spec):
+    """The inactive XML libvirt's test driver keeps for the definition of ``spec``."""
     libvirt = pytest.importorskip("libvirt")
     conn = libvirt.open("test:///default")
     try:
-        dom = conn.defineXML(domain.build_xml(SPEC))
+        dom = conn.defineXML(domain.build_xml(spec))
         try:
-            normalised = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            assert "<memory unit='KiB'>262144</memory>" in normalised  # libvirt rewrote the unit
-            observed = domain.observe(normalised)
-            assert domain.differences(observed, SPEC) == {}
-            assert domain.differences(observed, dict(SPEC, cpus=1)) == {"cpus": (2, 1)}
+            return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         finally:
             dom.undefine()
     finally:
         conn.close()
+
+
+def test_libvirt_normalised_definition_matches_the_spec():
+    normalised = libvirt_normalised(SPEC)
+    assert "<memory unit='KiB'>262144</memory>" in normalised  # libvirt rewrote the unit
+    observed = domain.observe(normalised)
+    assert domain.differences(observed, SPEC) == {}
+    assert domain.differences(observed, dict(SPEC, cpus=1)) == {"cpus": (2, 1)}
+
+
+def test_seed_cdrom_sits_on_a_virtio_scsi_controller():
+    """Debian's cloud kernel has no AHCI driver: the seed must not need one (libvirt's default SCSI is lsilogic)."""
+    normalised = libvirt_normalised(SPEC)
+    root = ET.fromstring(normalised)
+    controllers = [c.get("model") for c in root.findall("devices/controller[@type='scsi']")]
+    assert controllers == ["virtio-scsi"]
+    cdrom = root.find("devices/disk[@device='cdrom']/target")
+    assert cdrom.get("bus") == "scsi"
+    assert "ahci" not in normalised and "sata" not in normalised

@@ -26,11 +26,12 @@ RECORDS = {
         "name": "web1", "uuid": "u-web1", "host": "hv-1.example", "state": "running", "image": "debian:12",
         "interfaces": [{"network": "web", "mac": "02:73:63:00:00:01", "ip": "10.0.0.5"},
                        {"network": "db", "mac": "02:73:63:00:00:02", "ip": "10.1.0.5"}],
-        "cpus": 1, "memory": 512,
+        "cpus": 1, "memory": 512, "metadata": {"role": "web", "environment": "prod"},
     },
     "instances/web2": {
         "name": "web2", "uuid": "u-web2", "host": "hv-2", "state": "stopped", "image": "debian:12",
         "interfaces": [{"network": "web", "mac": "02:73:63:00:00:03", "ip": "10.0.0.6"}],
+        "metadata": {"role": "web", "environment": "staging"},
     },
     "instances/db1": {
         "name": "db1", "uuid": "u-db1", "host": "hv-2", "state": "running", "image": "https://example.org/tiny.qcow2",
@@ -80,6 +81,7 @@ def test_host_vars_of_an_instance_with_a_floating_ip(listing):
         "smallcloud_image": "debian:12",
         "smallcloud_state": "running",
         "smallcloud_floating_ips": ["203.0.113.10"],
+        "smallcloud_metadata": {"role": "web", "environment": "prod"},
         "smallcloud_gateways": {
             "web": {"vtep": "192.0.2.1", "namespace": "scnet-a1", "ip": "10.0.0.1"},
             "db": {"vtep": "192.0.2.2", "namespace": "scnet-b2", "ip": "10.1.0.1"},
@@ -120,6 +122,9 @@ def test_default_groups_are_raw_names_and_can_be_turned_off(listing):
     ({"hypervisors": ["hv-2"]}, ["db1", "web2"]),
     ({"states": ["running"], "networks": ["web"], "hypervisors": ["hv-2"]}, []),
     ({"states": ["running", "stopped"], "networks": ["web", "db"]}, ["db1", "web1", "web2"]),
+    ({"metadata": {"role": "web"}}, ["web1", "web2"]),
+    ({"metadata": {"role": "web", "environment": "prod"}}, ["web1"]),
+    ({"metadata": {"role": "db"}}, []),
 ])
 def test_filters_combine_and_empty_means_all(listing, filters, names):
     assert [entry["name"] for entry in cloud.inventory_entries(listing, **filters)] == names
@@ -151,7 +156,8 @@ def test_verify_file_takes_only_smallcloud_sources(tmp_path):
 
 
 OPTIONS = {
-    "states": [], "networks": [], "hypervisors": [], "default_groups": True, "namespace_prefix": "scnet-",
+    "states": [], "networks": [], "hypervisors": [], "metadata": {}, "default_groups": True,
+    "namespace_prefix": "scnet-", "gateway_proxy": False, "gateway_proxy_user": "root", "gateway_proxy_ssh_args": "",
     "strict": False, "compose": {}, "groups": {}, "keyed_groups": [], "use_extra_vars": False,
     "leading_separator": True, "cache": False,
 }
@@ -206,9 +212,9 @@ def test_compose_groups_and_keyed_groups_see_the_host_vars(listing):
 
 
 def test_strict_keyed_groups_over_a_missing_key_fail_naming_it(listing):
-    keyed = [{"key": "smallcloud_metadata.role", "prefix": "role"}]
-    assert "role_" not in "".join(populated(listing, keyed_groups=keyed).groups)
-    with pytest.raises(AnsibleParserError, match="smallcloud_metadata.role"):
+    keyed = [{"key": "smallcloud_metadata.owner", "prefix": "owner"}]
+    assert "owner_" not in "".join(populated(listing, keyed_groups=keyed).groups)
+    with pytest.raises(AnsibleParserError, match="smallcloud_metadata.owner"):
         populated(listing, keyed_groups=keyed, strict=True)
 
 
@@ -217,17 +223,25 @@ def test_strict_compose_error_names_the_variable(listing):
         populated(listing, compose={"broken": "no_such_variable.x"}, strict=True)
 
 
-def proxy_compose():
-    """The ansible_ssh_common_args expression of the plugin's EXAMPLES (the proxy.smallcloud.yml source)."""
-    match = re.search(r"ansible_ssh_common_args: >-\n((?:    .*\n)+)", cloud.EXAMPLES)
-    return " ".join(line.strip() for line in match.group(1).splitlines())
-
-
-def test_documented_proxy_command_goes_through_the_gateway_namespace_only_without_floating_ip(listing):
-    inventory = populated(listing, compose={"ansible_ssh_common_args": proxy_compose()}, strict=True)
+def test_gateway_proxy_goes_through_the_gateway_namespace_only_without_floating_ip(listing):
+    assert "ansible_ssh_common_args" not in populated(listing).get_host("db1").vars  # off by default
+    inventory = populated(listing, gateway_proxy=True, gateway_proxy_ssh_args="-i /k -o StrictHostKeyChecking=no")
     assert inventory.get_host("db1").vars["ansible_ssh_common_args"] == (
-        '-o ProxyCommand="ssh -o BatchMode=yes root@192.0.2.2 ip netns exec scnet-b2 nc %h %p"')
-    assert inventory.get_host("web1").vars["ansible_ssh_common_args"] == ""
+        '-o ProxyCommand="ssh -i /k -o StrictHostKeyChecking=no -o BatchMode=yes root@192.0.2.2 '
+        'ip netns exec scnet-b2 nc %h %p"')
+    assert "ansible_ssh_common_args" not in inventory.get_host("web1").vars  # it has a floating IP
+    other_user = populated(listing, gateway_proxy=True, gateway_proxy_user="ops")
+    assert "ops@192.0.2.2 sudo -n ip netns exec" in other_user.get_host("db1").vars["ansible_ssh_common_args"]
+    # compose still wins
+    composed = populated(listing, gateway_proxy=True, compose={"ansible_ssh_common_args": "'-o X=y'"})
+    assert composed.get_host("db1").vars["ansible_ssh_common_args"] == "-o X=y"
+
+
+def test_metadata_is_a_host_var_and_keys_groups(listing):
+    inventory = populated(listing, keyed_groups=[{"key": "smallcloud_metadata.role", "prefix": "role"}])
+    assert inventory.get_host("web1").vars["smallcloud_metadata"] == {"role": "web", "environment": "prod"}
+    assert inventory.get_host("db1").vars["smallcloud_metadata"] == {}
+    assert members(inventory, "role_web") == ["web1", "web2"]
 
 
 # errors ------------------------------------------------------------------------------------------

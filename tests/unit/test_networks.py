@@ -93,21 +93,28 @@ INSTANCES = {
                                           {"network": "db", "mac": "02:73:63:00:00:0b", "ip": "10.9.0.3"}]},
     "odd_name": {"name": "odd_name", "interfaces": [{"network": "web", "mac": "02:73:63:00:00:0c", "ip": "10.0.0.9"}]},
     "other": {"name": "other", "interfaces": []},
+    "named": {"name": "named", "hostname": "www.example.org",
+              "interfaces": [{"network": "web", "mac": "02:73:63:00:00:0d", "ip": "10.0.0.11"}]},
 }
 
 
 def test_leases_and_attached_instances():
     leases = network_leases.leases_for("web", INSTANCES)
-    assert sorted(leases) == [("02:73:63:00:00:0A", "10.0.0.10", "vm1"), ("02:73:63:00:00:0c", "10.0.0.9", None)]
-    assert network_leases.attached_instances("web", INSTANCES) == ["odd_name", "vm1"]
+    # The guest's own hostname (first label) names it; an instance name that is no DNS label names nothing.
+    assert sorted(leases) == [("02:73:63:00:00:0A", "10.0.0.10", "vm1"), ("02:73:63:00:00:0c", "10.0.0.9", None),
+                              ("02:73:63:00:00:0d", "10.0.0.11", "www")]
+    assert network_leases.attached_instances("web", INSTANCES) == ["named", "odd_name", "vm1"]
     assert network_leases.attached_instances("none", INSTANCES) == []
     # Sorted numerically by address, lower-case MACs, hostnames only when valid.
-    assert svc.dnsmasq_hosts(leases) == "02:73:63:00:00:0c,10.0.0.9\n02:73:63:00:00:0a,10.0.0.10,vm1\n"
+    files = network_leases.gateway_files("web", INSTANCES)
+    assert files["hosts"] == ("02:73:63:00:00:0c,10.0.0.9\n02:73:63:00:00:0a,10.0.0.10,vm1\n"
+                              "02:73:63:00:00:0d,10.0.0.11,www\n")
+    assert files["names"] == "10.0.0.10 vm1\n10.0.0.11 www\n"
 
 
-def test_dnsmasq_conf_is_dhcp_only_with_static_leases_and_mtu(tmp_path):
+def test_dnsmasq_conf_with_dns_servers_is_dhcp_only_with_static_leases_and_mtu(tmp_path):
     conf = svc.dnsmasq_conf(str(tmp_path), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
-                            mtu=1450, dns_servers=["192.0.2.53", "192.0.2.54"])
+                            mtu=1450, dns_servers=["192.0.2.53", "192.0.2.54"], dns=True)
     lines = conf.splitlines()
     assert "port=0" in lines and "interface=lan" in lines
     assert "dhcp-range=10.0.0.0,static,255.255.255.0,12h" in lines
@@ -116,7 +123,16 @@ def test_dnsmasq_conf_is_dhcp_only_with_static_leases_and_mtu(tmp_path):
     assert "pid-file=%s/dnsmasq.pid" % tmp_path in lines
     no_dns = svc.dnsmasq_conf(str(tmp_path), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
                               mtu=1400, dns_servers=[])
-    assert "dns-server" not in no_dns
+    assert "dns-server" not in no_dns and "port=0" in no_dns.splitlines()
+
+
+def test_dnsmasq_conf_gateway_dns_answers_instance_names_and_forwards(tmp_path):
+    conf = svc.dnsmasq_conf(str(tmp_path), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
+                            mtu=1450, dns_servers=[], dns=True).splitlines()
+    assert "port=0" not in conf and "no-resolv" not in conf  # answers on 53, forwards per resolv.conf
+    assert "addn-hosts=%s/names" % tmp_path in conf
+    assert "dhcp-option=option:dns-server,10.0.0.1" in conf
+    assert "no-hosts" in conf and "domain-needed" in conf
 
 
 def test_nft_script_keeps_floating_chains_and_comments_every_rule():

@@ -77,6 +77,14 @@ def test_digest_changes_with_any_file():
     assert seed.digest(files) != seed.digest(seed.seed_files("id", "h2", [], None, ["02:00:00:00:00:01"]))
 
 
+def test_vendor_data_lets_cloud_init_manage_etc_hosts_under_user_data():
+    files = seed.seed_files("id", "h", [], "manage_etc_hosts: false\n", ["02:00:00:00:00:01"])
+    vendor = yaml.safe_load(files["vendor-data"])
+    assert files["vendor-data"].startswith("#cloud-config\n") and vendor == {"manage_etc_hosts": True}
+    # The user's own setting travels in user-data, which cloud-init merges over vendor-data.
+    assert yaml.safe_load(files["user-data"]) == {"manage_etc_hosts": False}
+
+
 @pytest.mark.parametrize("value, size", [
     ("10G", 10 * 1024 ** 3), ("512M", 512 * 1024 ** 2), ("20GiB", 20 * 1024 ** 3), ("2", 2 * 1024 ** 3),
     (3, 3 * 1024 ** 3), ("1.5G", 1536 * 1024 ** 2),
@@ -105,7 +113,8 @@ def test_qcow2_header_is_read_without_qemu_img(tmp_path):
 
 
 BASE = dict.fromkeys(instances.INSTANCE_OPTIONS)
-BASE.update(instances.DEFAULTS, image="/i.qcow2", instances=None, detected_virt_type=None)
+BASE.update(instances.DEFAULTS, image="/i.qcow2", instances=None, detected_virt_type=None, wait_for="none",
+            wait_timeout=300)
 
 
 def params(**extra):
@@ -134,11 +143,22 @@ def test_batch_entries_inherit_top_level_options():
                      {"name": "b", "networks": [{"name": "n", "ip": "10.0.0.5"}]}]), "requested by both a and b"),
     (dict(instances=[{"name": "a", "colour": "red"}]), "unknown keys colour"),
     (dict(instances=[{"name": "a", "cpus": "many"}]), "cpus"),
+    (dict(name="a", metadata={"count": 3}), "metadata value of count is 3 (int); metadata values must be strings"),
+    (dict(name="a", metadata={"on": True}), "metadata value of on is True (bool)"),
+    (dict(name="a", metadata={"a b": "x"}), "metadata key 'a b' is not allowed"),
+    (dict(instances=[{"name": "a", "metadata": {"n": 1.5}}]), "metadata value of n is 1.5"),
+    (dict(name="a", wait_for="ssh", wait_timeout=-5), "wait_timeout -5 must be >= 0 seconds"),
 ])
 def test_expand_rejects(extra, message):
     with pytest.raises(InvalidInput) as caught:
         instances.expand(params(**extra))
     assert message in caught.value.msg
+
+
+def test_metadata_is_kept_per_instance_over_the_top_level_default():
+    wanted = instances.expand(params(metadata={"role": "web"}, instances=[
+        {"name": "a"}, {"name": "b", "metadata": {"role": "db", "owner": "ops"}}]))
+    assert [w["metadata"] for w in wanted] == [{"role": "web"}, {"role": "db", "owner": "ops"}]
 
 
 @pytest.mark.parametrize("asked, detected, result", [

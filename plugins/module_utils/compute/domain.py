@@ -20,8 +20,11 @@ XMLNS = "https://smallcloud.dev/xmlns/instance/1"
 VIRT_TYPES = ("kvm", "qemu")
 NIC_MODEL = "virtio"
 DISK_BUS = "virtio"
-# The seed is a cdrom: the tiny guest and cloud images read it on SATA (ahci) on both pc and q35.
-SEED_BUS = "sata"
+# The seed is a cdrom on a virtio-scsi controller: Debian's cloud kernel (linux-image-cloud-amd64, as in
+# its genericcloud images) has no AHCI driver, so a SATA seed is invisible to it; every cloud kernel and the
+# tiny guest have virtio_scsi. The controller is named explicitly: libvirt's default SCSI model is lsilogic.
+SEED_BUS = "scsi"
+SCSI_CONTROLLER_MODEL = "virtio-scsi"
 COMPARED = ("virt_type", "cpus", "memory", "disks", "nics", "console_log")
 # Changing these on a running domain only takes effect after the guest is restarted.
 NEXT_BOOT = ("virt_type", "cpus", "memory", "disks", "nics", "console_log")
@@ -75,6 +78,8 @@ def build_xml(spec):
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")
     devices = _sub(domain, "devices")
+    if any(disk["bus"] == "scsi" for disk in spec["disks"]):
+        _sub(devices, "controller", type="scsi", index=0, model=SCSI_CONTROLLER_MODEL)
     for disk in spec["disks"]:
         _disk_xml(devices, disk)
     for nic in spec["nics"]:

@@ -100,7 +100,7 @@ class InstanceModel:
             "disks": [disk["path"] for disk in self.disks()],
             "bridges": {nic["network"]: self.bridge(nic["network"]) for nic in nics},
             "hostname": self.want["hostname"], "seed": seed_digest, "console_log": self.console_log,
-            "autostart": self.want["autostart"],
+            "autostart": self.want["autostart"], "metadata": self.want["metadata"],
         }
 
     def ordered(self, nics):

@@ -199,7 +199,7 @@ class InstancePlanner:
             facts, state=self.want["state"], uuid=record.get("uuid"), interfaces=interfaces,
             ips=[nic.get("ip") for nic in interfaces], macs=[nic.get("mac") for nic in interfaces],
             disks=[disk["path"] for disk in self.model.disks()], console_log=self.model.console_log,
-            hostname=self.want["hostname"], needs_restart=self.needs_restart,
+            hostname=self.want["hostname"], needs_restart=self.needs_restart, metadata=self.want["metadata"],
         )
 
     def plan_allocation(self, nic):

@@ -3,6 +3,8 @@
 """What the ``instance`` module is asked for: its options, and every instance of a call validated and
 normalised before anything is observed (pure: no etcd, no libvirt, no host)."""
 
+import re
+
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import disks as disk_ops
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import domain as dom_xml
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import seed as seed_ops
@@ -45,9 +47,12 @@ INSTANCE_OPTIONS = dict(
     virt_type=dict(type="str", choices=["auto", "kvm", "qemu"]),
     shutdown_timeout=dict(type="int"),
     autostart=dict(type="bool"),
+    metadata=dict(type="dict"),
 )
 DEFAULTS = dict(cpus=1, memory=512, ephemeral_disks=[], networks=[], ssh_keys=[], state="running",
-                virt_type="auto", shutdown_timeout=60, autostart=False)
+                virt_type="auto", shutdown_timeout=60, autostart=False, metadata={})
+METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+WAIT_FOR = ("none", "ssh")
 
 MODULE_SPEC = dict(
     argument_spec=with_common(
@@ -57,6 +62,8 @@ MODULE_SPEC = dict(
             instances=dict(type="list", elements="dict"),
             detected_virt_type=dict(type="str", choices=["kvm", "qemu"]),
             instances_dir=dict(type="path", default="/var/lib/smallcloud/instances"),
+            wait_for=dict(type="str", default="none", choices=list(WAIT_FOR)),
+            wait_timeout=dict(type="int", default=300),
         ),
         ETCD_ARGS,
         LIBVIRT_ARGS,
@@ -102,8 +109,33 @@ def resolve_virt_type(virt_type, detected):
     return detected if detected in dom_xml.VIRT_TYPES else "qemu"
 
 
+def check_metadata(metadata, name):
+    """The metadata as a plain ``{str: str}``; InvalidInput naming the first key or value that is not one."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidInput("instance %s: metadata must be a mapping of strings, got %r" % (name, metadata),
+                           metadata=metadata)
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not METADATA_KEY_RE.match(key):
+            raise InvalidInput("instance %s: metadata key %r is not allowed: use 1-63 letters, digits, '_', '.' "
+                               "or '-' (not starting with '.' or '-')" % (name, key), key=key)
+        if not isinstance(value, str):
+            raise InvalidInput("instance %s: metadata value of %s is %r (%s); metadata values must be strings "
+                               "(quote it in YAML)" % (name, key, value, type(value).__name__), key=key)
+    return dict(metadata)
+
+
+def check_wait(params):
+    """Refuse a negative wait_timeout (0 means one probe, no waiting)."""
+    if params.get("wait_timeout") is not None and params["wait_timeout"] < 0:
+        raise InvalidInput("wait_timeout %r must be >= 0 seconds" % params["wait_timeout"],
+                           wait_timeout=params["wait_timeout"])
+
+
 def expand(params):
     """The validated desired state of every instance: a list of dicts (top-level options as defaults)."""
+    check_wait(params)
     entries = params["instances"] if params.get("instances") is not None else [{"name": params["name"]}]
     wanted = []
     for index, entry in enumerate(entries):
@@ -161,6 +193,7 @@ def desired_instance(opts, detected_virt_type):
         hostname=seed_ops.check_hostname(hostname),
         virt_type=resolve_virt_type(opts.get("virt_type"), detected_virt_type),
         autostart=bool(opts.get("autostart")),
+        metadata=check_metadata(opts.get("metadata"), name),
     )
     return want
 

@@ -22,6 +22,7 @@ the one listing.
 """
 
 
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import reachability
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection import open_libvirt
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_observe import Observation
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_planner import InstancePlanner
@@ -42,6 +43,11 @@ def run(module):
         planners = [InstancePlanner(observation, want) for want in wanted]
         for planner in planners:
             planner.build()
+        if module.params["wait_for"] == "ssh":
+            for want in wanted:
+                if want["state"] == "running":
+                    reachability.check_reachable(want["name"], [net for net, _ip in want["networks"]], store,
+                                                 module.params["namespace_prefix"])
         for warning in observation.warnings:
             module.warn(warning)
         # Every guest this batch stops is asked at once, after the whole batch validated, so their
@@ -52,7 +58,18 @@ def run(module):
             apply_one(planner, module.check_mode)
     finally:
         conn.close()
-    return batch_result(module.params, planners)
+    waited = wait_for_guests(module.params, store, planners, module.check_mode)
+    return batch_result(module.params, planners, waited)
+
+
+def wait_for_guests(params, store, planners, check_mode):
+    """``{name: seconds until SSH answered}`` of the running guests, with ``wait_for: ssh`` (not in check mode)."""
+    if params["wait_for"] != "ssh" or check_mode:
+        return {}
+    running = [planner for planner in planners if planner.want["state"] == "running"]
+    routes = {planner.name: reachability.probe_route(planner.name, planner.applier.record, store,
+                                                     params["namespace_prefix"]) for planner in running}
+    return reachability.wait_for_ssh(routes, params["wait_timeout"])
 
 
 def apply_one(planner, check_mode):
@@ -61,9 +78,10 @@ def apply_one(planner, check_mode):
         planner.plan.apply(check_mode)
 
 
-def batch_result(params, planners):
+def batch_result(params, planners, waited):
     """The task result: per-instance results, plus the single instance's keys at the top for ``name``."""
-    results = [planner.facts() for planner in planners]
+    results = [dict(planner.facts(), **({"ssh_after": waited[planner.name]} if planner.name in waited else {}))
+               for planner in planners]
     if params.get("instances") is None:
         result = planners[0].plan.result(**results[0])
         result["instances"] = results

@@ -1,6 +1,7 @@
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The cloud-init NoCloud seed of an instance: meta-data, user-data, network-config on an ISO labelled cidata.
+"""The cloud-init NoCloud seed of an instance: meta-data, user-data, vendor-data, network-config on an ISO
+labelled cidata.
 
 The files are pure functions of the instance's settings (``seed_files``); their digest is kept in the
 instance's record, so a re-run knows whether the ISO is current without reading it. The ISO is built
@@ -95,11 +96,17 @@ def network_config(macs):
     return json.dumps({"version": 2, "ethernets": ethernets}, indent=2, sort_keys=True) + "\n"
 
 
+# The cloud's defaults for every guest; cloud-init merges user-data over vendor-data, so user-data that says
+# otherwise wins. manage_etc_hosts: the guest's own name resolves (``hostname -f``, sudo) without DNS.
+VENDOR_DATA = CLOUD_CONFIG + "\nmanage_etc_hosts: true\n"
+
+
 def seed_files(instance_id, hostname, ssh_keys, user_data, macs):
     """``{file name: text}`` of the seed."""
     return {
         "meta-data": meta_data(instance_id, hostname, ssh_keys),
         "user-data": check_user_data(user_data),
+        "vendor-data": VENDOR_DATA,
         "network-config": network_config(macs),
     }
 

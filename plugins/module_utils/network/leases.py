@@ -13,16 +13,26 @@ HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def leases_for(network_name, instances):
-    """``[(mac, ip, hostname)]`` of every instance interface on ``network_name``."""
+    """``[(mac, ip, hostname)]`` of every instance interface on ``network_name``.
+
+    The hostname is the first label of the guest's own (its record's ``hostname``, else the instance
+    name), or None when that is not a valid DNS label.
+    """
     leases = []
     for key, record in sorted((instances or {}).items()):
         if not isinstance(record, dict):
             continue
-        name = record.get("name") or key
+        label = (record.get("hostname") or record.get("name") or key).split(".")[0]
         for nic in record.get("interfaces") or []:
             if nic.get("network") == network_name and nic.get("mac") and nic.get("ip"):
-                leases.append((nic["mac"], nic["ip"], name if HOSTNAME_RE.match(name) else None))
+                leases.append((nic["mac"], nic["ip"], label if HOSTNAME_RE.match(label) else None))
     return leases
+
+
+def gateway_files(network_name, instances):
+    """``{file name: text}`` the gateway's dnsmasq reads on SIGHUP: static leases and instance names."""
+    leases = leases_for(network_name, instances)
+    return {"hosts": svc.dnsmasq_hosts(leases), "names": svc.dnsmasq_names(leases)}
 
 
 def attached_instances(network_name, instances):
@@ -45,10 +55,10 @@ def refresh_leases(network_name, record, instances, state_dir, namespace_prefix)
     gateway_dir = gateway_state_dir(state_dir, record["vni"], namespace_prefix)
     if svc.dnsmasq_pid(gateway_dir) is None:
         return False  # the network's gateway is another host
-    hosts_path = os.path.join(gateway_dir, "hosts")
-    hosts = svc.dnsmasq_hosts(leases_for(network_name, instances))
-    if files.read_text(hosts_path) == hosts:
-        return False
-    files.write_text(hosts_path, hosts)
-    svc.dnsmasq_reload(gateway_dir)
-    return True
+    stale = {name: text for name, text in gateway_files(network_name, instances).items()
+             if files.read_text(os.path.join(gateway_dir, name)) != text}
+    for name, text in stale.items():
+        files.write_text(os.path.join(gateway_dir, name), text)
+    if stale:
+        svc.dnsmasq_reload(gateway_dir)
+    return bool(stale)

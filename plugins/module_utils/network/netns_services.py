@@ -144,18 +144,24 @@ def nft_delete_table(netns):
 # dnsmasq ---------------------------------------------------------------------------------------
 
 
-def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers, lease_time="12h"):
-    """dnsmasq.conf text: DHCP only (no DNS), static leases from the hosts file, option 26 = ``mtu``."""
+def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers, dns=False, lease_time="12h"):
+    """dnsmasq.conf text: static DHCP leases from the hosts file, option 26 = ``mtu``, and DNS.
+
+    With ``dns`` and no ``dns_servers`` the gateway answers DNS on ``interface``: the network's instance
+    names (the names file, re-read on SIGHUP like the leases) and everything else forwarded to the
+    resolvers of the namespace's resolv.conf; DHCP hands out the gateway. With ``dns_servers`` DHCP hands
+    out those instead and dnsmasq serves DHCP only.
+    """
+    gateway_dns = dns and not dns_servers
     lines = [
         "# written by smallcloud.kvm.network; changes are overwritten",
         "interface=%s" % interface,
         "bind-interfaces",
-        "port=0",
-        "no-resolv",
+        # Its own view only: no names from the gateway host's /etc/hosts.
         "no-hosts",
         "dhcp-authoritative",
         # Stays root: it re-reads the hosts file on SIGHUP, and state_dir may sit under a private (0700)
-        # directory; it is confined to the network's own namespace and serves DHCP only.
+        # directory; it is confined to the network's own namespace.
         "user=root",
         "pid-file=%s" % os.path.join(state_dir, "dnsmasq.pid"),
         "dhcp-leasefile=%s" % os.path.join(state_dir, "leases"),
@@ -165,17 +171,36 @@ def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers,
         # Forced: many clients (busybox udhcpc among them) do not ask for option 26.
         "dhcp-option-force=option:mtu,%d" % mtu,
     ]
-    if dns_servers:
-        lines.append("dhcp-option=option:dns-server,%s" % ",".join(dns_servers))
+    if gateway_dns:
+        lines += [
+            "addn-hosts=%s" % os.path.join(state_dir, "names"),
+            # Bare names stay inside the network; private reverse lookups are not forwarded.
+            "domain-needed",
+            "bogus-priv",
+            "dhcp-option=option:dns-server,%s" % gateway_ip,
+        ]
+    else:
+        lines += ["port=0", "no-resolv"]
+        if dns_servers:
+            lines.append("dhcp-option=option:dns-server,%s" % ",".join(dns_servers))
     return "\n".join(lines) + "\n"
 
 
 def dnsmasq_hosts(leases):
     """dhcp-hostsfile text from ``[(mac, ip, hostname or None)]``, sorted by address for stable output."""
     lines = []
-    for mac, ip, hostname in sorted(leases, key=lambda lease: tuple(int(part) for part in lease[1].split("."))):
+    for mac, ip, hostname in _by_address(leases):
         lines.append(",".join([mac.lower(), ip] + ([hostname] if hostname else [])))
     return "".join(line + "\n" for line in lines)
+
+
+def dnsmasq_names(leases):
+    """addn-hosts text (``ip name``) for the leases that have a hostname, sorted by address."""
+    return "".join("%s %s\n" % (ip, hostname) for _mac, ip, hostname in _by_address(leases) if hostname)
+
+
+def _by_address(leases):
+    return sorted(leases, key=lambda lease: tuple(int(part) for part in lease[1].split(".")))
 
 
 def dnsmasq_pid(state_dir):
@@ -200,7 +225,7 @@ def dnsmasq_start(netns, state_dir):
 
 
 def dnsmasq_reload(state_dir):
-    """SIGHUP: dnsmasq re-reads its dhcp-hostsfile."""
+    """SIGHUP: dnsmasq re-reads its dhcp-hostsfile and addn-hosts."""
     pid = dnsmasq_pid(state_dir)
     if pid is not None:
         os.kill(pid, signal.SIGHUP)

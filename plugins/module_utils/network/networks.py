@@ -52,7 +52,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices imp
     gateway_state_dir,
     underlay_of,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import attached_instances, leases_for
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import attached_instances, gateway_files
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import check_vni
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
@@ -68,6 +68,7 @@ MODULE_SPEC = dict(
             vni=dict(type="int"),
             mtu=dict(type="int"),
             dhcp=dict(type="bool", default=True),
+            dns=dict(type="bool", default=True),
             dns_servers=dict(type="list", elements="str", default=[]),
             nat=dict(type="bool", default=False),
             egress_pool=dict(type="str"),
@@ -301,7 +302,8 @@ class NetworkRunner:
         """The record of a new network, before allocations."""
         return {
             "name": self.name, "cidr": str(self.parsed["network"]), "vni": None, "mtu": mtu,
-            "dhcp": self.params["dhcp"], "dns_servers": self.params["dns_servers"], "nat": self.params["nat"],
+            "dhcp": self.params["dhcp"], "dns": self.params["dns"], "dns_servers": self.params["dns_servers"],
+            "nat": self.params["nat"],
             "egress_pool": self.params["egress_pool"], "egress_address": None, "vteps": [], "gateway_vtep": None,
         }
 
@@ -320,7 +322,7 @@ class NetworkRunner:
         if self.params["gateway"]:
             new["gateway_vtep"] = vtep
             # Gateway services are configured where they run; other hosts only carry VXLAN + bridge.
-            for key in ("dhcp", "dns_servers"):
+            for key in ("dhcp", "dns", "dns_servers"):
                 new[key] = self.params[key]
             self.plan_nat_change(record, new)
         elif record.get("gateway_vtep") == vtep:
@@ -362,8 +364,9 @@ class NetworkRunner:
         )
         want["state_dir"] = gateway_state_dir(self.params["state_dir"], want["vni"], self.params["namespace_prefix"])
         want["conf"] = svc.dnsmasq_conf(want["state_dir"], LAN, network, gateway_ip=want["gateway_ip"],
-                                        mtu=want["mtu"], dns_servers=record.get("dns_servers") or [])
-        want["hosts"] = svc.dnsmasq_hosts(leases_for(self.name, records.instances(self.store))) if want["dhcp"] else ""
+                                        mtu=want["mtu"], dns_servers=record.get("dns_servers") or [],
+                                        dns=bool(record.get("dns", False)))
+        want["files"] = gateway_files(self.name, records.instances(self.store)) if want["dhcp"] else {}
         want["nft"] = svc.nft_base_script(LAN, WAN, record["cidr"], want["egress"]) if want["nat"] else None
         return want
 
@@ -630,30 +633,33 @@ class HostPlan:
         return self.runner.parsed["network"].with_prefixlen
 
     def dnsmasq(self):
-        """dnsmasq in the namespace: conf, static leases (SIGHUP on change), running."""
+        """dnsmasq in the namespace: conf, static leases and names (SIGHUP on change), running."""
         want, state_dir = self.want, self.want["state_dir"]
-        conf_path, hosts_path = os.path.join(state_dir, "dnsmasq.conf"), os.path.join(state_dir, "hosts")
-        conf, hosts = files.read_text(conf_path), files.read_text(hosts_path)
+        conf_path = os.path.join(state_dir, "dnsmasq.conf")
+        conf = files.read_text(conf_path)
+        have = {name: files.read_text(os.path.join(state_dir, name)) for name in ("hosts", "names")}
         pid = svc.dnsmasq_pid(state_dir)
         if not want["dhcp"]:
-            self.plan.compare("leases", hosts, None)
+            self.plan.compare("leases", have["hosts"], None)
             if pid is not None or conf is not None:
                 self.plan.add("stop dnsmasq in %s" % want["namespace"], svc.dnsmasq_stop, state_dir)
                 self.plan.add("remove %s" % state_dir, svc.remove_state_dir, state_dir)
             return
-        self.plan.compare("leases", hosts, want["hosts"])
+        self.plan.compare("leases", have["hosts"], want["files"]["hosts"])
+        self.plan.compare("names", have["names"], want["files"]["names"])
         if conf != want["conf"]:
             self.plan.add("write %s" % conf_path, files.write_text, conf_path, want["conf"])
-        if hosts != want["hosts"]:
-            self.plan.add("write %s (%d leases)" % (hosts_path, want["hosts"].count("\n")), files.write_text,
-                          hosts_path, want["hosts"])
+        stale = [name for name, text in want["files"].items() if have[name] != text]
+        for name in stale:
+            path, text = os.path.join(state_dir, name), want["files"][name]
+            self.plan.add("write %s (%d lines)" % (path, text.count("\n")), files.write_text, path, text)
         if pid is not None and conf != want["conf"]:
             self.plan.add("stop dnsmasq (configuration changed)", svc.dnsmasq_stop, state_dir)
             pid = None
         if pid is None:
             self.plan.add("start dnsmasq in %s" % want["namespace"], svc.dnsmasq_start, want["namespace"], state_dir)
-        elif hosts != want["hosts"]:
-            self.plan.add("reload dnsmasq leases (SIGHUP)", svc.dnsmasq_reload, state_dir)
+        elif stale:
+            self.plan.add("reload dnsmasq leases and names (SIGHUP)", svc.dnsmasq_reload, state_dir)
 
     # absent ------------------------------------------------------------------------------------
 

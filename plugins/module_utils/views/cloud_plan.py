@@ -1,0 +1,102 @@
+# Copyright: smallcloud developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The ``cloud_plan`` module's logic: what converging this host would change, in one module call.
+
+Each entry is validated against its own module's argument spec (defaults, types, choices, required_if,
+mutually_exclusive) and run through that module's own runner in check mode, in this one process: one
+Python start-up, one set of imports, instead of one module call per image, network and instance batch.
+Nothing is changed. A re-converge with nothing to do (the common case) asks only this and skips the rest
+(the cloud role does).
+"""
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances as instance_runner
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images as image_runner
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
+
+try:
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+except ImportError:  # pragma: no cover - ansible-core < 2.11
+    ArgumentSpecValidator = None
+
+# kind -> (runner module, what names an entry in the result)
+KINDS = {
+    "images": (image_runner, lambda params: params.get("name") or params.get("url")),
+    "networks": (network_runner, lambda params: params["name"]),
+    "instances": (instance_runner, lambda params: "this host's instances"),
+    "floating_ips": (floating_ip_runner, lambda params: "%s/%s" % (
+        params["network"], params.get("instance") or params.get("fixed_ip") or params.get("address"))),
+}
+CONSTRAINTS = ("mutually_exclusive", "required_together", "required_one_of", "required_if", "required_by")
+
+MODULE_SPEC = dict(
+    argument_spec=with_common(
+        dict(
+            images=dict(type="list", elements="dict", default=[]),
+            networks=dict(type="list", elements="dict", default=[]),
+            instances=dict(type="dict"),
+            floating_ips=dict(type="list", elements="dict", default=[]),
+        ),
+        ETCD_ARGS,
+    ),
+    supports_check_mode=True,
+)
+
+
+class CheckModule:
+    """What a runner uses of AnsibleModule: validated params, check mode, warnings."""
+
+    check_mode = True
+
+    def __init__(self, params):
+        self.params = params
+        self.warnings = []
+
+    def warn(self, warning):
+        self.warnings.append(warning)
+
+
+def validated(kind, index, spec, entry):
+    """``entry`` checked against the module's own argument spec, with its defaults filled in."""
+    if ArgumentSpecValidator is None:  # pragma: no cover - ansible-core < 2.11
+        raise InvalidInput("cloud_plan needs ansible-core 2.11 or later")
+    validator = ArgumentSpecValidator(spec["argument_spec"], **{key: spec[key] for key in CONSTRAINTS if key in spec})
+    result = validator.validate(entry)
+    if result.error_messages:
+        raise InvalidInput("%s[%d]: %s" % (kind, index, "; ".join(result.error_messages)), kind=kind, index=index)
+    return result.validated_parameters
+
+
+def entries(params):
+    """``(kind, index, options)`` of every module call the plan stands for, the etcd options shared."""
+    shared = {key: params[key] for key in ETCD_ARGS if params.get(key) is not None}
+    batch = params["instances"] or {}
+    # An instance call for a host without instances (the role's empty batch) would change nothing.
+    batches = [batch] if batch.get("instances") or batch.get("name") else []
+    for kind in ("images", "networks", "instances", "floating_ips"):
+        listed = params[kind] if kind != "instances" else batches
+        for index, entry in enumerate(listed):
+            options = dict(entry)
+            if kind != "images":  # the image cache is no etcd client
+                options = dict(shared, **options)
+            yield kind, index, options
+
+
+def run(module):
+    """Entry point for run_module: the entries in check mode, in the role's order, up to the first that
+    would change something (``would_change``). It stops there: a later entry's check may depend on that
+    change (an instance on a network this run would create), and one change is enough to converge."""
+    changes, warnings = [], []
+    for kind, index, options in entries(module.params):
+        runner, label = KINDS[kind]
+        checked = CheckModule(validated(kind, index, runner.MODULE_SPEC, options))
+        result = runner.run(checked)
+        warnings += checked.warnings
+        if result.get("changed"):
+            changes.append({"kind": kind, "name": label(checked.params), "actions": result.get("actions", [])})
+            break
+    for warning in warnings:
+        module.warn(warning)
+    return {"changed": False, "would_change": bool(changes), "changes": changes}

@@ -187,14 +187,6 @@ def proxy_args(gateway, user="root", ssh_args=""):
         hop, user, gateway["vtep"], sudo, gateway["namespace"])
 
 
-def floating_of(name, interfaces, floating_ips):
-    """The floating addresses mapped onto instance ``name``: by name, or by one of its fixed IPs on that network."""
-    fixed = {(nic.get("network"), nic.get("ip")) for nic in interfaces}
-    return sorted(address for address, fip in floating_ips.items() if isinstance(fip, dict)
-                  and (fip.get("instance") == name
-                  or (not fip.get("instance") and (fip.get("network"), fip.get("fixed_ip")) in fixed)))
-
-
 def gateway_of(network, namespace_prefix):
     """Where a network's gateway lives: the carrying hypervisor's underlay address, namespace and gateway IP
     (named as the network module names them)."""
@@ -213,7 +205,7 @@ def host_vars(name, record, networks, floating_ips, namespace_prefix=DEFAULT_NAM
     interfaces = [{"network": nic.get("network"), "ip": nic.get("ip"), "mac": nic.get("mac")}
                   for nic in record.get("interfaces") or []]
     names = [nic["network"] for nic in interfaces]
-    floating = floating_of(name, interfaces, floating_ips)
+    floating = records.floating_of(name, interfaces, floating_ips)
     ips = [nic["ip"] for nic in interfaces if nic["ip"]]
     variables = {
         "smallcloud_uuid": record.get("uuid"),

@@ -28,6 +28,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_ob
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_planner import InstancePlanner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_spec import MODULE_SPEC, expand
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 __all__ = ["MODULE_SPEC", "run"]
@@ -43,11 +44,9 @@ def run(module):
         planners = [InstancePlanner(observation, want) for want in wanted]
         for planner in planners:
             planner.build()
-        if module.params["wait_for"] == "ssh":
-            for want in wanted:
-                if want["state"] == "running":
-                    reachability.check_reachable(want["name"], [net for net, _ip in want["networks"]], store,
-                                                 module.params["namespace_prefix"])
+        # Read once for the batch: for the refusal before any change and for the wait after it.
+        floating_ips = records.floating_ips(store) if module.params["wait_for"] == "ssh" else {}
+        refuse_unreachable(module.params, wanted, observation.networks(), floating_ips)
         for warning in observation.warnings:
             module.warn(warning)
         # Every guest this batch stops is asked at once, after the whole batch validated, so their
@@ -58,16 +57,26 @@ def run(module):
             apply_one(planner, module.check_mode)
     finally:
         conn.close()
-    waited = wait_for_guests(module.params, store, planners, module.check_mode)
+    waited = wait_for_guests(module.params, planners, observation.networks(), floating_ips, module.check_mode)
     return batch_result(module.params, planners, waited)
 
 
-def wait_for_guests(params, store, planners, check_mode):
+def refuse_unreachable(params, wanted, networks, floating_ips):
+    """With ``wait_for: ssh``, InvalidInput for a running instance this host could not probe."""
+    if params["wait_for"] != "ssh":
+        return
+    for want in wanted:
+        if want["state"] == "running":
+            reachability.check_reachable(want["name"], [network for network, _ip in want["networks"]], networks,
+                                         floating_ips, params["namespace_prefix"])
+
+
+def wait_for_guests(params, planners, networks, floating_ips, check_mode):
     """``{name: seconds until SSH answered}`` of the running guests, with ``wait_for: ssh`` (not in check mode)."""
     if params["wait_for"] != "ssh" or check_mode:
         return {}
     running = [planner for planner in planners if planner.want["state"] == "running"]
-    routes = {planner.name: reachability.probe_route(planner.name, planner.applier.record, store,
+    routes = {planner.name: reachability.probe_route(planner.name, planner.applier.record, networks, floating_ips,
                                                      params["namespace_prefix"]) for planner in running}
     return reachability.wait_for_ssh(routes, params["wait_timeout"])
 

@@ -37,28 +37,20 @@ def ssh_banner(address, port=SSH_PORT, timeout=POLL_SECONDS, netns=None):
     return returncode == 0
 
 
-def gateway_namespace(network_name, store, namespace_prefix):
-    """The gateway namespace of ``network_name`` when it exists on this host, else None."""
-    network = records.networks(store).get(network_name) or {}
+def gateway_namespace(network_name, networks, namespace_prefix):
+    """The gateway namespace of ``network_name`` (in the ``networks`` listing) when it is on this host, else None."""
+    network = networks.get(network_name) or {}
     if network.get("vni") is None:
         return None
     namespace = device_names(network["vni"], namespace_prefix)["namespace"]
     return namespace if svc.netns_exists(namespace) else None
 
 
-def floating_address(name, fixed_ips, store):
-    """The floating IP recorded for instance ``name`` (or one of its ``fixed_ips``), else None."""
-    for address, floating in sorted(records.floating_ips(store).items()):
-        if isinstance(floating, dict) and (floating.get("instance") == name or floating.get("fixed_ip") in fixed_ips):
-            return floating.get("address") or address
-    return None
-
-
-def check_reachable(name, network_names, store, namespace_prefix):
+def check_reachable(name, network_names, networks, floating_ips, namespace_prefix):
     """Refuse, before any change, to wait for a guest this host has no way to reach."""
-    if network_names and gateway_namespace(network_names[0], store, namespace_prefix):
+    if network_names and gateway_namespace(network_names[0], networks, namespace_prefix):
         return
-    if floating_address(name, (), store):
+    if records.floating_of(name, [], floating_ips):
         return
     raise InvalidInput(
         "wait_for ssh: instance %s cannot be reached from this host: %s, and it has no floating IP; wait on "
@@ -67,16 +59,19 @@ def check_reachable(name, network_names, store, namespace_prefix):
            else "it has no network"), instance=name)
 
 
-def probe_route(name, record, store, namespace_prefix):
-    """``(address, namespace or None, description)`` this host can probe instance ``name`` on."""
+def probe_route(name, record, networks, floating_ips, namespace_prefix):
+    """``(address, namespace or None, description)`` this host can probe instance ``name`` on.
+
+    ``networks`` and ``floating_ips`` are the listings of those records, read once for a whole batch.
+    """
     interfaces = [nic for nic in (record or {}).get("interfaces") or [] if nic.get("ip")]
-    namespace = gateway_namespace(interfaces[0]["network"], store, namespace_prefix) if interfaces else None
+    namespace = gateway_namespace(interfaces[0]["network"], networks, namespace_prefix) if interfaces else None
     if namespace:
         return interfaces[0]["ip"], namespace, "%s from namespace %s" % (interfaces[0]["ip"], namespace)
-    address = floating_address(name, {nic["ip"] for nic in interfaces}, store)
-    if address:
-        return address, None, "floating IP %s" % address
-    check_reachable(name, [nic["network"] for nic in interfaces], store, namespace_prefix)  # raises
+    floating = records.floating_of(name, interfaces, floating_ips)
+    if floating:
+        return floating[0], None, "floating IP %s" % floating[0]
+    check_reachable(name, [nic["network"] for nic in interfaces], networks, floating_ips, namespace_prefix)  # raises
     return None
 
 

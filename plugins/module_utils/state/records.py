@@ -59,6 +59,15 @@ def hosts(store):
     return top_records(store.list(HOSTS))
 
 
+def floating_of(name, interfaces, floating_ips):
+    """The floating addresses (sorted) of a ``floating_ips`` listing mapped onto instance ``name``: by name, or,
+    when a record names no instance, by one of its ``interfaces``' fixed IPs on that network."""
+    fixed = {(nic.get("network"), nic.get("ip")) for nic in interfaces}
+    return sorted(address for address, fip in (floating_ips or {}).items() if isinstance(fip, dict)
+                  and (fip.get("instance") == name
+                  or (not fip.get("instance") and (fip.get("network"), fip.get("fixed_ip")) in fixed)))
+
+
 def holder(store, key):
     """The owner of the allocation at ``key``, or None when the value is free."""
     taken = store.get(key)

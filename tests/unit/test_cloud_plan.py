@@ -4,6 +4,7 @@ each entry's own module code in check mode, validated by that module's own spec.
 import pytest
 
 from ansible_collections.smallcloud.kvm.plugins.filter.cloud import cloud_network_calls
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import validated_options
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.views import cloud_plan
 
@@ -48,10 +49,10 @@ def test_entries_share_the_etcd_options_except_with_the_image_cache_and_skip_an_
 def test_each_entry_is_validated_by_its_own_module_spec():
     from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks
 
-    checked = cloud_plan.validated("networks", 0, networks.MODULE_SPEC, {"name": "web", "cidr": "10.0.0.0/24"})
+    checked = validated_options(networks.MODULE_SPEC, {"name": "web", "cidr": "10.0.0.0/24"}, "networks[0]")
     assert checked["dhcp"] is True and checked["dns"] is True and checked["state"] == "present"  # defaults
     with pytest.raises(InvalidInput) as caught:
-        cloud_plan.validated("networks", 1, networks.MODULE_SPEC, {"name": "web", "colour": "red"})
+        validated_options(networks.MODULE_SPEC, {"name": "web", "colour": "red"}, "networks[1]")
     assert caught.value.msg.startswith("networks[1]: ") and "colour" in caught.value.msg
 
 

@@ -15,16 +15,12 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
     NAMESPACE_ARGS,
     NETWORK_STATE_ARGS,
     SYSFS_ARGS,
+    validated_options,
     with_common,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import parse_address
-
-try:
-    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
-except ImportError:  # pragma: no cover - ansible-core < 2.11
-    ArgumentSpecValidator = None
 
 CPUS_MAX = 255
 MEMORY_MIN = 32  # MiB: the tiny guest needs about this much
@@ -154,13 +150,9 @@ def _validated_entry(entry, index):
     if unknown:
         raise InvalidInput("instances[%d] has unknown keys %s; allowed: %s"
                            % (index, ", ".join(unknown), ", ".join(sorted(INSTANCE_OPTIONS))), keys=unknown)
-    if ArgumentSpecValidator is None:
-        return dict(entry)
-    result = ArgumentSpecValidator(INSTANCE_OPTIONS).validate(dict(entry))
-    if result.error_messages:
-        raise InvalidInput("instances[%d] (%s): %s" % (index, entry.get("name"), "; ".join(result.error_messages)),
-                           entry=entry.get("name"))
-    return {key: value for key, value in result.validated_parameters.items() if key in entry}
+    checked = validated_options({"argument_spec": INSTANCE_OPTIONS}, entry,
+                                "instances[%d] (%s)" % (index, entry.get("name")), entry=entry.get("name"))
+    return {key: value for key, value in checked.items() if key in entry}
 
 
 def desired_instance(opts, detected_virt_type):

@@ -6,6 +6,13 @@ One option name for one thing in every module: the image cache is ``cache_dir`` 
 state directory ``state_dir`` everywhere (the older names stay as aliases).
 """
 
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
+
+# The keys of a MODULE_SPEC that constrain options together (AnsibleModule's, ArgumentSpecValidator's).
+CONSTRAINTS = ("mutually_exclusive", "required_together", "required_one_of", "required_if", "required_by")
+
 # Matches plugins/doc_fragments/etcd.py.
 ETCD_ARGS = dict(
     etcd_endpoints=dict(type="list", elements="str"),
@@ -43,3 +50,14 @@ def with_common(spec, *common):
         merged.update(part)
     merged.update(spec)
     return merged
+
+
+def validated_options(spec, options, label, **details):
+    """``options`` checked as AnsibleModule checks a module's: against ``spec`` (a MODULE_SPEC-shaped dict:
+    ``argument_spec`` and its constraints), types coerced and defaults filled in. For options that arrive
+    inside another option (a batch entry, a plan entry); InvalidInput names ``label`` and what is wrong."""
+    validator = ArgumentSpecValidator(spec["argument_spec"], **{key: spec[key] for key in CONSTRAINTS if key in spec})
+    result = validator.validate(dict(options))
+    if result.error_messages:
+        raise InvalidInput("%s: %s" % (label, "; ".join(result.error_messages)), **details)
+    return result.validated_parameters

@@ -2,24 +2,19 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The ``cloud_plan`` module's logic: what converging this host would change, in one module call.
 
-Each entry is validated against its own module's argument spec (defaults, types, choices, required_if,
-mutually_exclusive) and run through that module's own runner in check mode, in this one process: one
-Python start-up, one set of imports, instead of one module call per image, network and instance batch.
+Each entry is validated against its own module's argument spec (``core.args.validated_options``: defaults,
+types, choices, required_if, mutually_exclusive) and run through that module's own runner in check mode,
+in this one process: one Python start-up, one set of imports, instead of one module call per image,
+network and instance batch.
 Nothing is changed. A re-converge with nothing to do (the common case) asks only this and skips the rest
 (the cloud role does).
 """
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances as instance_runner
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, validated_options, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images as image_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
-
-try:
-    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
-except ImportError:  # pragma: no cover - ansible-core < 2.11
-    ArgumentSpecValidator = None
 
 # kind -> (runner module, what names an entry in the result)
 KINDS = {
@@ -29,7 +24,6 @@ KINDS = {
     "floating_ips": (floating_ip_runner, lambda params: "%s/%s" % (
         params["network"], params.get("instance") or params.get("fixed_ip") or params.get("address"))),
 }
-CONSTRAINTS = ("mutually_exclusive", "required_together", "required_one_of", "required_if", "required_by")
 
 MODULE_SPEC = dict(
     argument_spec=with_common(
@@ -58,17 +52,6 @@ class CheckModule:
         self.warnings.append(warning)
 
 
-def validated(kind, index, spec, entry):
-    """``entry`` checked against the module's own argument spec, with its defaults filled in."""
-    if ArgumentSpecValidator is None:  # pragma: no cover - ansible-core < 2.11
-        raise InvalidInput("cloud_plan needs ansible-core 2.11 or later")
-    validator = ArgumentSpecValidator(spec["argument_spec"], **{key: spec[key] for key in CONSTRAINTS if key in spec})
-    result = validator.validate(entry)
-    if result.error_messages:
-        raise InvalidInput("%s[%d]: %s" % (kind, index, "; ".join(result.error_messages)), kind=kind, index=index)
-    return result.validated_parameters
-
-
 def entries(params):
     """``(kind, index, options)`` of every module call the plan stands for, the etcd options shared."""
     shared = {key: params[key] for key in ETCD_ARGS if params.get(key) is not None}
@@ -91,7 +74,8 @@ def run(module):
     changes, warnings = [], []
     for kind, index, options in entries(module.params):
         runner, label = KINDS[kind]
-        checked = CheckModule(validated(kind, index, runner.MODULE_SPEC, options))
+        checked = CheckModule(validated_options(runner.MODULE_SPEC, options, "%s[%d]" % (kind, index), kind=kind,
+                                                index=index))
         result = runner.run(checked)
         warnings += checked.warnings
         if result.get("changed"):

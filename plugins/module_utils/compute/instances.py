@@ -44,9 +44,11 @@ def run(module):
         planners = [InstancePlanner(observation, want) for want in wanted]
         for planner in planners:
             planner.build()
-        # Read once for the batch: for the refusal before any change and for the wait after it.
-        floating_ips = records.floating_ips(store) if module.params["wait_for"] == "ssh" else {}
-        refuse_unreachable(module.params, wanted, observation.networks(), floating_ips)
+        waits = module.params["wait_for"] == "ssh"
+        # Read once for the batch, and only to wait: for the refusal before any change and the wait after it.
+        networks = observation.networks() if waits else {}
+        floating_ips = records.floating_ips(store) if waits else {}
+        refuse_unreachable(module.params, wanted, networks, floating_ips)
         for warning in observation.warnings:
             module.warn(warning)
         # Every guest this batch stops is asked at once, after the whole batch validated, so their
@@ -57,7 +59,7 @@ def run(module):
             apply_one(planner, module.check_mode)
     finally:
         conn.close()
-    waited = wait_for_guests(module.params, planners, observation.networks(), floating_ips, module.check_mode)
+    waited = wait_for_guests(module.params, planners, networks, floating_ips, module.check_mode)
     return batch_result(module.params, planners, waited)
 
 

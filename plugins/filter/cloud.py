@@ -6,6 +6,8 @@ The role's tasks and its one-call plan (smallcloud.kvm.cloud_plan) both take the
 what the plan checks is what the tasks would do.
 """
 
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placing import instances_on_host
+
 # Keys of the role's network entries that are the role's, not the network module's.
 NETWORK_ROLE_KEYS = ("gateway_host",)
 
@@ -33,4 +35,4 @@ class FilterModule:
     """smallcloud.kvm's filters."""
 
     def filters(self):
-        return {"cloud_network_calls": cloud_network_calls}
+        return {"cloud_network_calls": cloud_network_calls, "cloud_host_instances": instances_on_host}

@@ -68,6 +68,27 @@ domains:
   description: libvirt domains of this host by name, with C(managed), C(state), C(macs) and C(bridges).
   returned: always
   type: dict
+hosts:
+  description:
+    - Registered hypervisors by name (M(smallcloud.kvm.host)), each record with C(reserved) (the vCPUs, memory
+      and disk placed there), C(free) (capacity times the allocation ratio, less what is reserved; the cloud-wide
+      default ratios) and C(placed) (the names of its instances).
+  returned: always
+  type: dict
+  sample:
+    hv1:
+      state: active
+      capacity: {vcpus: 8, memory_mb: 32768, disk_gb: 900}
+      reserved: {vcpus: 2, memory_mb: 1024, disk_gb: 20}
+      free: {vcpus: 30.0, memory_mb: 31744.0, disk_gb: 880.0}
+      placed: [web1, web2]
+placements:
+  description: Where each instance is placed and why (M(smallcloud.kvm.placement)), with what it reserved.
+  returned: always
+  type: dict
+  sample:
+    web1: {host: hv1, reason: "most free memory (31232 MiB after it) of 3 fitting active hosts", vcpus: 1,
+           memory_mb: 512, disk_gb: 10, affinity: null, anti_affinity: web, time: "2026-12-01T02:03:04.000005Z"}
 differences:
   description: Each disagreement between the records and this host, C({kind, name, problem}).
   returned: always

@@ -45,6 +45,43 @@ options:
     type: list
     elements: dict
     default: []
+  placement:
+    description:
+      - The placement of every declared instance (M(smallcloud.kvm.placement), previewed). When given, the
+        instance call's batch is the instances placed on O(placement.host); a host of O(placement.hosts) not
+        registered yet, or an instance not placed yet, is a change.
+    type: dict
+    suboptions:
+      instances:
+        description: Every declared instance, as M(smallcloud.kvm.placement) takes them.
+        type: list
+        elements: dict
+        required: true
+      host:
+        description: This host's name in the host registry.
+        type: str
+        required: true
+      hosts:
+        description: The hosts of the play, which the converge registers before it places.
+        type: list
+        elements: str
+        required: true
+      first_host:
+        description: Where an instance to remove that is nowhere is looked for.
+        type: str
+        required: true
+      cpu_allocation_ratio:
+        description: As in M(smallcloud.kvm.placement).
+        type: raw
+        default: 4.0
+      memory_allocation_ratio:
+        description: As in M(smallcloud.kvm.placement).
+        type: raw
+        default: 1.0
+      disk_allocation_ratio:
+        description: As in M(smallcloud.kvm.placement).
+        type: raw
+        default: 1.0
 notes:
   - Supports check mode; it never changes anything.
   - An entry that its module would refuse fails this module with the same message, prefixed with its kind and
@@ -84,7 +121,7 @@ changes:
   elements: dict
   contains:
     kind:
-      description: C(images), C(networks), C(instances) or C(floating_ips).
+      description: C(hosts), C(placement), C(images), C(networks), C(instances) or C(floating_ips).
       type: str
     name:
       description: The image URL or name, the network's name, or the floating IP's network and target.
@@ -97,6 +134,12 @@ changes:
     - kind: networks
       name: web
       actions: ["start dnsmasq in scnet-a1"]
+placements:
+  description:
+    - With O(placement), where each declared instance is or would be placed, as M(smallcloud.kvm.placement)
+      returns it.
+  returned: always
+  type: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule

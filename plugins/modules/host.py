@@ -7,13 +7,19 @@ module: host
 short_description: Register a hypervisor in the cloud's host registry in etcd
 description:
   - Records this hypervisor in etcd as C(hosts/NAME) = C({name, hostname, underlay_interface, underlay_address,
-    virt_type, state}), so that the other hypervisors can build their VXLAN meshes from the registry.
+    virt_type, state, capacity, allocation_ratios}), so that the other hypervisors can build their VXLAN meshes
+    from the registry and M(smallcloud.kvm.placement) can choose hosts for instances.
+  - C(capacity) is what the host offers, read on every run (C(vcpus) the CPUs this process may run on,
+    C(memory_mb) the memory, C(disk_gb) the size of the file system of O(instances_dir)).
+  - "C(state) is V(active) for a new record; O(status) sets it: V(draining) and V(drained) hosts get no new
+    placement."
   - The underlay (interface and its first IPv4 address) is read from the host, in O(host_netns) when given;
     an interface that does not exist or has no IPv4 address fails the task, naming it.
   - An existing record is updated only where it differs; its C(state) (V(active) for a new record) is kept,
     and so is its C(virt_type) when O(virt_type) is not given.
   - With O(state=absent) the record is removed; this is refused, naming them, while instance records still
-    place instances on the host (their C(host) is the record's C(hostname) or O(name)). Removing a host that
+    place instances on the host (their C(host) is the record's C(hostname) or O(name)), or while
+    M(smallcloud.kvm.placement) has capacity reserved there. Removing a host that
     is not registered is not an error.
 version_added: "0.1.0"
 author:
@@ -44,6 +50,27 @@ options:
       - When not given, the recorded value is kept (none for a new record).
     type: str
     choices: [kvm, qemu]
+  status:
+    description:
+      - The host's state for placement. V(active) takes new instances, V(draining) and V(drained) take none.
+      - When not given, the recorded state is kept (V(active) for a new record).
+    type: str
+    choices: [active, draining, drained]
+  instances_dir:
+    description: Directory of the instances' disks; the size of its file system is the host's disk capacity.
+    type: path
+    default: /var/lib/smallcloud/instances
+  cpu_allocation_ratio:
+    description:
+      - This host's vCPUs placed per CPU, over the cloud-wide default of M(smallcloud.kvm.placement). A number >= 1.
+      - When not given, the recorded value is kept (none for a new record).
+    type: raw
+  memory_allocation_ratio:
+    description: This host's memory placed per MiB, over the cloud-wide default. A number >= 1.
+    type: raw
+  disk_allocation_ratio:
+    description: This host's disk placed per GiB, over the cloud-wide default. A number >= 1.
+    type: raw
 requirements:
   - pyroute2 (Debian python3-pyroute2)
 notes:
@@ -59,6 +86,12 @@ EXAMPLES = r"""
   smallcloud.kvm.host:
     name: hv1
     underlay_interface: ens4
+
+- name: Take no new instances on it, and let it overcommit CPUs 8 to 1
+  smallcloud.kvm.host:
+    name: hv1
+    status: draining
+    cpu_allocation_ratio: 8
 
 - name: Retire it (refused while instances are placed on it)
   smallcloud.kvm.host:
@@ -78,6 +111,8 @@ host:
     underlay_address: 10.0.0.11
     virt_type: kvm
     state: active
+    capacity: {vcpus: 8, memory_mb: 32768, disk_gb: 900}
+    allocation_ratios: {cpu_allocation_ratio: 8}
 actions:
   description: What was done (or would be done in check mode).
   returned: always

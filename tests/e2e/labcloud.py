@@ -3,9 +3,14 @@ data, the lab hosts' private files, the cloud's etcd as h1's own client certific
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+from harness.ansible import ansible_env
 from test_lab import ssh
 
 # The lab's underlay addresses (up to three hosts in these tests).
@@ -19,10 +24,38 @@ class LabCloud:
         self.dir = Path(directory)
         self.inventory = self.dir / "inventory.ini"
         self.data = {}
+        self.killed_runs = 0
 
     def playbook(self, ansible, name, extra=None, inventory=None, args=()):
         return ansible.run_playbook("smallcloud.kvm." + name, inventory=inventory or self.inventory,
                                     extra_vars={**self.data, **(extra or {})}, args=args, timeout=1800)
+
+    def killed_playbook(self, name, extra, until, timeout=600, jitter=0.0):
+        """Run public playbook ``name`` and kill it (SIGKILL, every process it started) once ``until()`` is true,
+        ``jitter`` seconds later; True when it was killed, False when it ended first."""
+        extra_path = self.dir / ("killed-%s.json" % name)
+        extra_path.write_text(json.dumps({**self.data, **(extra or {})}))
+        # The output stays beside the lab (which `lab down` removes): pytest keeps its tmp directories.
+        self.killed_runs += 1
+        log = self.dir.parent / ("killed-%s-%d.log" % (name, self.killed_runs))
+        with open(log, "w") as output:
+            run = subprocess.Popen(  # noqa: S603 - argv list
+                [str(Path(sys.executable).parent / "ansible-playbook"), "smallcloud.kvm." + name, "-i",
+                 str(self.inventory), "-e", "@%s" % extra_path], stdout=output, stderr=subprocess.STDOUT,
+                env=dict(ansible_env(), ANSIBLE_STDOUT_CALLBACK="default"), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while run.poll() is None and time.monotonic() < deadline:
+                if until():
+                    time.sleep(jitter)
+                    os.killpg(run.pid, signal.SIGKILL)
+                    return True
+                time.sleep(0.2)
+            return False
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
 
     def host_path(self, host, path):
         """Where a lab host's private ``path`` lives on this machine."""

@@ -6,6 +6,7 @@ from the addresses etcd allocated, reachability shown from a guest itself, a flo
 the re-run that changes nothing, a lost hypervisor, and the teardown that leaves nothing.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -213,6 +214,8 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     assert rejoined.rc == 0 and rejoined.failures() == [], rejoined.failures()
     assert HOSTS["h3"] in store.get("networks/mh-net1")["vteps"]
 
+    evacuate_h2_with_kills(cloud, ansible, store)
+
     # teardown leaves no domain, link, namespace or nft table on any host, and in etcd only what deploy wrote
     # (the hosts' registrations).
     teardown = cloud.playbook(ansible, "teardown")
@@ -221,6 +224,94 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
         left = cloud.ssh(host, "virsh -c qemu:///system list --all --name; ip -br link | grep -E '^(vx|br|vg|ve)-'; "
                          "ip netns list; nft list tables")
         assert left.stdout.strip() == "", (host, left.stdout)
-    folders = ("networks", "instances", "floating_ips", "vni", "ipam", "mac", "floating", "locks")
+    folders = ("networks", "instances", "floating_ips", "vni", "ipam", "mac", "floating", "locks", "placement")
     assert {folder: store.list(folder) for folder in folders} == dict.fromkeys(folders, {})
     assert sorted(store.list("hosts")) == sorted(HOSTS)
+
+
+def domains_of(cloud):
+    """``{host: {domain: state}}`` on every lab host."""
+    listing = {}
+    for host in HOSTS:
+        out = cloud.ssh(host, "for d in $(virsh -c qemu:///system list --all --name); do "
+                              "echo $d $(virsh -c qemu:///system domstate $d | tr ' ' _); done").stdout
+        listing[host] = dict(line.split() for line in out.splitlines() if line.strip())
+    return listing
+
+
+def evacuate_h2_with_kills(cloud, ansible, store):
+    """Issue 14: h2 is drained; its two guests move, with their identity, to the hosts placement chooses. Runs
+    killed at several points of the first guest's move, then of the second's, are finished by running it again:
+    exactly one copy of each guest, running, and nothing left on either side."""
+    moving = ("mh-g2", "mh-g2b")
+    before = {name: store.get("instances/" + name) for name in moving}
+    assert {name: record["host"] for name, record in before.items()} == dict.fromkeys(moving, "h2")
+
+    def incoming(name):
+        return any(cloud.host_path(host, "/var/lib/smallcloud/instances/.incoming-%s" % name).exists()
+                   for host in HOSTS)
+
+    def record(name):
+        return store.get("instances/" + name) or {}
+
+    # What a killed run had done when it was killed: each kill lands in a later step than the one before.
+    kill_points = [
+        ("reserve", lambda: bool(record("mh-g2").get("moving_to"))),
+        ("export", lambda: "shut_off" in domains_of(cloud)["h2"].get("mh-g2", "")),
+        ("copy", lambda: incoming("mh-g2")),
+        ("import", lambda: record("mh-g2").get("moving_to") in HOSTS and cloud.host_path(
+            record("mh-g2")["moving_to"], "/var/lib/smallcloud/instances/mh-g2").exists()),
+        ("commit", lambda: record("mh-g2").get("host") not in ("h2", None)),
+        ("second guest's export", lambda: "shut_off" in domains_of(cloud)["h2"].get("mh-g2b", "")),
+    ]
+    killed = []
+    for index, (point, done) in enumerate(kill_points):
+        if cloud.killed_playbook("evacuate", {"host": "h2"}, done, jitter=0.3 * (index % 3)):
+            killed.append(point)
+    assert len(killed) >= 4, (killed, sorted(cloud.dir.parent.glob("killed-*.log")))  # most are reached
+
+    finished = cloud.playbook(ansible, "evacuate", {"host": "h2"})
+    assert finished.rc == 0 and finished.failures() == [], (killed, finished.failures(), finished.stderr[-2000:])
+
+    after = {name: record(name) for name in moving}
+    domains = domains_of(cloud)
+    for name in moving:
+        target = after[name]["host"]
+        assert target in ("h1", "h3") and "moving_to" not in after[name], after[name]
+        # The same guest: UUID, MACs and addresses kept.
+        assert (after[name]["uuid"], after[name]["interfaces"]) == (before[name]["uuid"], before[name]["interfaces"])
+        # Exactly one copy, running on its record's host; nothing left on h2, no copy waiting anywhere.
+        copies = {host: listing[name] for host, listing in domains.items() if name in listing}
+        assert copies == {target: "running"}, (name, killed, copies)
+        assert not cloud.host_path("h2", "/var/lib/smallcloud/instances/" + name).exists()
+        assert not incoming(name)
+        placed = store.get("placement/instances/" + name)
+        assert placed["host"] == target and "moving_to" not in placed, placed
+    ledgers = store.list("placement/hosts")
+    assert "h2" not in ledgers and sorted(n for ledger in ledgers.values() for n in ledger["instances"]
+                                          if n in moving) == sorted(moving), ledgers
+    assert store.get("hosts/h2")["state"] == "drained"
+
+    # The moved guest boots on its new host and reaches its peer on h3 and the outside again.
+    target = after["mh-g2"]["host"]
+    seen = len(probes(cloud.console(target, "mh-g2")))
+    wait_for(lambda: [p for p in probes(cloud.console(target, "mh-g2"))[seen:]
+                      if p[PEER_IP] == "ok" and p[OUTSIDE_IP] == "ok"], BOOT_TIMEOUT, interval=3,
+             what="mh-g2 to answer from %s" % target)
+
+    # Evacuating it again is refused (drained already), and so is a host that does not exist; nothing changes.
+    keys = store.list("")
+    again = cloud.playbook(ansible, "evacuate", {"host": "h2"})
+    messages = [msg for _task, _host, msg in again.failures()]
+    assert again.rc != 0 and any("h2 is drained already" in msg for msg in messages), messages
+    unknown = cloud.playbook(ansible, "evacuate", {"host": "h9"})
+    assert unknown.rc != 0 and any("host=h9 is not a hypervisor" in msg for _task, _host, msg in unknown.failures())
+    assert store.list("") == keys
+
+    # `status: active` takes it back into placement.
+    play = cloud.dir / "activate.yml"
+    play.write_text(json.dumps([{"name": "Activate h2", "hosts": "h2", "gather_facts": False,
+                                 "tasks": [{"smallcloud.kvm.host": {"name": "h2", "status": "active"}}]}]))
+    active = ansible.run_playbook(play, inventory=cloud.inventory)
+    assert active.rc == 0 and active.failures() == [], active.failures()
+    assert store.get("hosts/h2")["state"] == "active"

@@ -207,7 +207,30 @@ def test_real_cloud_init_guests_on_two_hosts_configured_through_the_inventory_pl
     again = cloud.playbook(ansible, "converge")
     assert again.rc == 0 and sum(stats["changed"] for stats in again.stats.values()) == 0, again.failures()
 
+    # Evacuation (issue 14): h2 is drained, and rg-generic moves to h1, the only other active host, with its disk.
+    # The same guest answers on its floating IP (the plugin's address for it) and its own address, and still
+    # has the file the play wrote on its disk.
+    evacuated = cloud.playbook(ansible, "evacuate", {"host": "h2"})
+    assert evacuated.rc == 0 and evacuated.failures() == [], (evacuated.failures(), evacuated.stderr[-3000:])
+    moved = store.get("instances/rg-generic")
+    assert moved["host"] == "h1" and (moved["uuid"], moved["interfaces"]) == (
+        records["rg-generic"]["uuid"], records["rg-generic"]["interfaces"])
+    assert store.get("hosts/h2")["state"] == "drained"
+    assert "rg-generic" not in cloud.ssh("h2", "virsh -c qemu:///system list --all --name").stdout
+    assert not cloud.host_path("h2", "/var/lib/smallcloud/instances/rg-generic").exists()
+    play = cloud.dir / "after-move.yml"
+    play.write_text(json.dumps([{"name": "The moved guest", "hosts": "rg-generic", "gather_facts": False, "tasks": [
+        {"name": "wait", "ansible.builtin.wait_for_connection": {"timeout": 600}},
+        {"name": "facts", "ansible.builtin.setup": {"gather_subset": ["network"]}},
+        {"name": "the file", "ansible.builtin.command": "cat /home/debian/configured", "changed_when": False},
+    ]}]))
+    after = run_playbook(play, inventory=source, timeout=900)
+    assert after.rc == 0 and after.failures() == [], (after.failures(), after.stderr[-3000:])
+    assert host_result(after, "the file", "rg-generic")["stdout"] == "configured by ansible as rg-generic"
+    addresses = host_result(after, "facts", "rg-generic")["ansible_facts"]["ansible_default_ipv4"]
+    assert addresses["address"] == records["rg-generic"]["interfaces"][0]["ip"]
+
     teardown = cloud.playbook(ansible, "teardown")
     assert teardown.rc == 0 and teardown.failures() == [], teardown.failures()
-    folders = ("networks", "instances", "floating_ips", "ipam", "mac", "floating", "locks")
+    folders = ("networks", "instances", "floating_ips", "ipam", "mac", "floating", "locks", "placement")
     assert {folder: store.list(folder) for folder in folders} == dict.fromkeys(folders, {})

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -309,8 +310,21 @@ def test_cloud_info_flags_a_domain_undefined_behind_the_records_back(cloud, ansi
     created = ansible.run_module("instance", cloud.args(name=name, state="stopped"))
     assert created["changed"] is True and not created.get("failed"), created.get("msg")
 
+    # Registered as this machine, the instance is adopted there by placement: cloud_info shows the host's
+    # reservation and the placement's reason.
+    store = store_for(cloud.etcd)
+    store.put("hosts/hv-info", {"name": "hv-info", "hostname": socket.gethostname(), "state": "active",
+                                "capacity": {"vcpus": 2, "memory_mb": 1024, "disk_gb": 10}})
+    placed = ansible.run_module("placement", dict(cloud.etcd.module_args, instances=[
+        {"name": name, "memory": 64, "host": "hv-info"}]))
+    assert placed.get("placements", {}).get(name) == {"host": "hv-info", "reason": "adopted where it already ran",
+                                                      "new": True}, placed
+
     info = ansible.run_module("cloud_info", dict(cloud.etcd.module_args))
     assert not info.get("failed") and info["changed"] is False, info.get("msg")
+    assert info["hosts"]["hv-info"]["reserved"] == {"vcpus": 1, "memory_mb": 64, "disk_gb": 0}
+    assert info["hosts"]["hv-info"]["free"] == {"vcpus": 7.0, "memory_mb": 960.0, "disk_gb": 10.0}
+    assert info["hosts"]["hv-info"]["placed"] == [name] and info["placements"][name]["host"] == "hv-info"
     assert info["instances"][name]["interfaces"][0]["mac"] == created["macs"][0]
     assert info["domains"][name] == {"managed": True, "state": "stopped", "macs": created["macs"],
                                      "bridges": [cloud.bridge]}
@@ -325,6 +339,9 @@ def test_cloud_info_flags_a_domain_undefined_behind_the_records_back(cloud, ansi
     gone = ansible.run_module("instance", dict(cloud.etcd.module_args, name=name, state="absent",
                                                instances_dir=cloud.instances_dir))
     assert gone["changed"] is True and cloud.leftovers(name) == []
+    assert "release the placement on hv-info" in gone["actions"]
+    assert store.list("placement") == {}
+    store.delete("hosts/hv-info")
 
 
 def test_a_failed_creation_undoes_its_allocations_and_record(cloud, ansible):

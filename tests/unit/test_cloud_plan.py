@@ -88,7 +88,8 @@ def test_run_plans_entries_in_check_mode_up_to_the_first_change_and_changes_noth
 
     result = cloud_plan.run(Module())
     assert result == {"changed": False, "would_change": True,
-                      "changes": [{"kind": "networks", "name": "web", "actions": ["would do networks"]}]}
+                      "changes": [{"kind": "networks", "name": "web", "actions": ["would do networks"]}],
+                      "placements": {}}
     # It stops at the first change: the instance batch (which might need that network) is not checked.
     assert [(kind, check_mode) for kind, check_mode, _params in calls] == [("images", True), ("networks", True)]
     assert warnings == ["images looked", "networks looked"]

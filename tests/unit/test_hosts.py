@@ -7,14 +7,15 @@ import pytest
 from harness.memory_store import MemoryStore
 from harness.module_stub import ModuleStub
 
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host import hosts
 
 pytestmark = pytest.mark.unit
 
 HOSTNAME = "hv1.example.org"
 RECORD = {"name": "hv1", "hostname": HOSTNAME, "underlay_interface": "ul0", "underlay_address": "10.99.0.1",
-          "virt_type": "kvm", "state": "active"}
+          "virt_type": "kvm", "state": "active", "capacity": {"vcpus": 4, "memory_mb": 8192, "disk_gb": 100},
+          "allocation_ratios": {}}
 
 
 class FakeNetDev:
@@ -52,8 +53,9 @@ class FakeHandles:
 
 @pytest.fixture(autouse=True)
 def hostname(monkeypatch):
-    """This machine's host name, as the runner reads it."""
+    """This machine's host name and capacity, as the runner reads them."""
     monkeypatch.setattr(hosts.socket, "gethostname", lambda: HOSTNAME)
+    monkeypatch.setattr(hosts, "capacity", lambda instances_dir: dict(RECORD["capacity"]))
 
 
 def converge(store, check_mode=False, handles=None, **params):
@@ -114,7 +116,7 @@ def test_virt_type_is_kept_unless_given_and_updated_when_given():
 
 
 def test_the_recorded_state_and_keys_of_other_modules_are_kept():
-    kept = dict(RECORD, state="draining", capacity={"vcpus": 2})
+    kept = dict(RECORD, state="draining", evacuated_to={"web": "hv2"})
     store = MemoryStore({"hosts/hv1": dict(kept, hostname="old-name")})
     result = converge(store, underlay_interface="ul0")
     assert result["diff"] == {"before": {"hostname": "old-name"}, "after": {"hostname": HOSTNAME}}
@@ -202,3 +204,109 @@ def test_an_unknown_interface_lists_the_interfaces_there_are():
     with pytest.raises(InvalidInput) as raised:
         converge(MemoryStore(), underlay_interface="nope0")
     assert "bare0, lo, ul0, up0" in raised.value.msg and raised.value.details == {"underlay_interface": "nope0"}
+
+
+# status, capacity and ratios -----------------------------------------------------------------------
+
+
+def test_status_draining_sets_the_state_and_a_rerun_is_unchanged():
+    store = MemoryStore({"hosts/hv1": RECORD, "hosts/hv2": dict(RECORD, name="hv2")})
+    result = converge(store, underlay_interface="ul0", status="draining")
+    assert result["changed"] is True and result["actions"] == ["update host hv1: state"]
+    assert result["diff"] == {"before": {"state": "active"}, "after": {"state": "draining"}}
+    assert store.get("hosts/hv1") == dict(RECORD, state="draining")
+    assert converge(store, underlay_interface="ul0", status="draining")["changed"] is False
+    assert converge(store, underlay_interface="ul0")["changed"] is False  # not given: kept
+    assert converge(store, underlay_interface="ul0", status="active")["changed"] is True
+    assert store.get("hosts/hv1")["state"] == "active"
+
+
+def test_ratios_given_are_recorded_and_kept_when_not_given():
+    store = MemoryStore({"hosts/hv1": RECORD})
+    result = converge(store, underlay_interface="ul0", cpu_allocation_ratio=2)
+    assert result["changed"] is True
+    assert store.get("hosts/hv1")["allocation_ratios"] == {"cpu_allocation_ratio": 2.0}
+    converge(store, underlay_interface="ul0", memory_allocation_ratio="1.5")
+    assert store.get("hosts/hv1")["allocation_ratios"] == {"cpu_allocation_ratio": 2.0,
+                                                           "memory_allocation_ratio": 1.5}
+    assert converge(store, underlay_interface="ul0")["changed"] is False
+    assert converge(store, underlay_interface="ul0", cpu_allocation_ratio="2.0")["changed"] is False
+    assert store.get("hosts/hv1")["allocation_ratios"] == {"cpu_allocation_ratio": 2.0,
+                                                           "memory_allocation_ratio": 1.5}
+
+
+def test_a_changed_capacity_is_recorded(monkeypatch):
+    store = MemoryStore({"hosts/hv1": RECORD})
+    bigger = {"vcpus": 8, "memory_mb": 16384, "disk_gb": 200}
+    monkeypatch.setattr(hosts, "capacity", lambda instances_dir: dict(bigger))
+    result = converge(store, underlay_interface="ul0")
+    assert result["actions"] == ["update host hv1: capacity"]
+    assert store.get("hosts/hv1")["capacity"] == bigger
+
+
+@pytest.mark.parametrize("option, value", [
+    pytest.param("cpu_allocation_ratio", 0.5, id="cpu below 1"),
+    pytest.param("memory_allocation_ratio", "abc", id="memory not a number"),
+    pytest.param("disk_allocation_ratio", 0, id="disk zero"),
+])
+def test_a_bad_ratio_fails_naming_it_before_anything_is_written(option, value):
+    store = MemoryStore({"hosts/hv1": RECORD})
+    with pytest.raises(InvalidInput) as raised:
+        converge(store, underlay_interface="ul0", **{option: value})
+    assert option in raised.value.msg and repr(value) in raised.value.msg
+    assert store.data == {"hosts/hv1": RECORD} and store.locked == []
+
+
+def test_memory_mib_reads_memtotal_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree:         1234567 kB\nMemTotal:       16337916 kB\n", encoding="ascii")
+    assert hosts.memory_mib(str(meminfo)) == 15954  # 15954.99 MiB: whole MiB, rounded down
+
+
+def test_memory_mib_without_memtotal_names_the_file(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree:         1234567 kB\n", encoding="ascii")
+    with pytest.raises(HostError, match=str(meminfo)):
+        hosts.memory_mib(str(meminfo))
+
+
+def test_capacity_measures_the_nearest_existing_parent_of_instances_dir(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real capacity, not the autouse fixture's
+    found = hosts.capacity(str(tmp_path / "not" / "there" / "yet"))
+    assert set(found) == {"vcpus", "memory_mb", "disk_gb"}
+    assert found["vcpus"] >= 1 and found["memory_mb"] == hosts.memory_mib() and found["disk_gb"] >= 0
+
+
+def test_absent_is_refused_while_the_hosts_ledger_still_holds_instances():
+    ledger = {"instances": {"db1": {"vcpus": 1, "memory_mb": 512, "disk_gb": 0}, "web1": {"vcpus": 1}}}
+    before = {"hosts/hv1": RECORD, "placement/hosts/hv1": ledger, "instances/web1": {"name": "web1", "host": "hv1"}}
+    store = MemoryStore(before)
+    with pytest.raises(Conflict) as raised:
+        converge(store, state="absent")
+    assert "hv1" in raised.value.msg and "web1, db1" in raised.value.msg
+    assert raised.value.details["instances"] == ["web1", "db1"]
+    assert store.data == before
+
+
+def test_draining_the_last_active_host_is_refused_and_changes_nothing():
+    store = MemoryStore({"hosts/hv1": RECORD, "hosts/hv2": dict(RECORD, name="hv2", state="draining")})
+    with pytest.raises(InvalidInput) as caught:
+        converge(store, underlay_interface="ul0", status="draining")
+    assert "hv1 is the last active host" in caught.value.msg
+    assert store.get("hosts/hv1") == RECORD
+
+
+def test_draining_a_drained_host_is_refused_until_it_is_active_again():
+    store = MemoryStore({"hosts/hv1": dict(RECORD, state="drained"), "hosts/hv2": dict(RECORD, name="hv2")})
+    with pytest.raises(InvalidInput) as caught:
+        converge(store, underlay_interface="ul0", status="draining")
+    assert "hv1 is drained already" in caught.value.msg
+    assert converge(store, underlay_interface="ul0", status="active")["host"]["state"] == "active"
+
+
+def test_drained_is_refused_while_instances_are_still_there():
+    store = MemoryStore({"hosts/hv1": dict(RECORD, state="draining"), "hosts/hv2": dict(RECORD, name="hv2"),
+                         "instances/web": {"name": "web", "host": HOSTNAME}})
+    with pytest.raises(Conflict) as caught:
+        converge(store, underlay_interface="ul0", status="drained")
+    assert "web" in caught.value.msg and store.get("hosts/hv1")["state"] == "draining"

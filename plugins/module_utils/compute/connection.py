@@ -3,6 +3,7 @@
 """The libvirt connection: opened with an error naming the URI, and libvirt's errors turned into ours."""
 
 import contextlib
+import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, MissingLibrary
 
@@ -40,6 +41,18 @@ def host_errors(name):
         if HAS_LIBVIRT and isinstance(error, libvirt.libvirtError):
             raise HostError("instance %s: libvirt refused: %s" % (name, error), name=name) from error
         raise
+
+
+def wait_stopped(domain, deadline):
+    """Wait until ``domain`` is off or ``deadline`` (time.time()) passed, then force it off."""
+    while time.time() < deadline and domain.isActive():
+        time.sleep(0.2)
+    if domain.isActive():
+        try:
+            domain.destroy()
+        except libvirt.libvirtError:
+            if domain.isActive():
+                raise
 
 
 def undefine_flags():

@@ -19,6 +19,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection 
     host_errors,
     libvirt,
     undefine_flags,
+    wait_stopped,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import resolved
@@ -146,14 +147,7 @@ class InstanceApplier:
             return
         if self.shutdown_deadline is None:
             self.ask_shutdown(timeout)
-        while time.time() < self.shutdown_deadline and domain.isActive():
-            time.sleep(0.2)
-        if domain.isActive():
-            try:
-                domain.destroy()
-            except libvirt.libvirtError:
-                if domain.isActive():
-                    raise
+        wait_stopped(domain, self.shutdown_deadline)
 
     def undefine(self):
         """Undefine the domain with every extra (managed save, snapshots, NVRAM, checkpoints)."""

@@ -23,6 +23,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_mo
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_spec import MEMORY_MIN
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import NOT_YET, Plan, resolved, unresolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import Placements, placement_key
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import check_usable
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import bridge_of
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
@@ -61,6 +62,13 @@ class InstancePlanner:
 
     def build(self):
         """Validate against the store and the host and plan every step; nothing is changed here."""
+        moving_to = (self.record or {}).get("moving_to")
+        if moving_to:
+            # Until the move commits, the source's copy is stopped and the target's may run: touching either
+            # could run the guest twice. The evacuation that started the move finishes it when run again.
+            raise Conflict("instance %s is being moved from %s to %s; run the evacuation of %s again to finish it"
+                           % (self.name, self.record.get("host"), moving_to, self.record.get("host")),
+                           name=self.name, moving_to=moving_to)
         elsewhere = (self.record or {}).get("host")
         if self.seen is None and elsewhere not in (None, self.obs.host):
             raise Conflict("instance %s is recorded on host %s; converge it there" % (self.name, elsewhere),
@@ -356,9 +364,11 @@ class InstancePlanner:
     def plan_absent(self):
         """Stop, undefine, delete files, release allocations, delete the record."""
         before = "absent"
+        # The capacity reserved for it (host.placement), also when creating it never got that far.
+        placed = self.obs.store.get(placement_key(self.name))
         if self.seen is not None:
             before = self.seen["state"]
-        elif self.record is not None or os.path.isdir(self.model.dir):
+        elif self.record is not None or os.path.isdir(self.model.dir) or placed is not None:
             before = "leftovers"
         self.plan.compare("state", before, "absent")
         if self.seen is not None:
@@ -374,3 +384,6 @@ class InstancePlanner:
                               self.applier.release, nic)
             self.plan.add("delete etcd %s" % self.applier.path, self.applier.forget,
                           [nic["network"] for nic in interfaces])
+        if placed is not None:
+            self.plan.add("release the placement on %s" % placed.get("host"), Placements(self.obs.store).release,
+                          self.name)

@@ -298,6 +298,40 @@ class Store:
             return False
         return int(answer["responses"][0]["response_delete_range"].get("deleted", 0)) > 0
 
+    def transact(self, expect, put=None, delete=()):
+        """Write ``put`` (``{path: value}``) and delete the paths of ``delete`` in one txn, only if every path of
+        ``expect`` (``{path: mod_revision}``, 0 for "absent") is still at that revision.
+
+        ``(True, revision of the write)``; or, when another writer came first, ``(False, {path: (value,
+        mod_revision)})``: what the ``expect`` paths hold now, read in the same round trip.
+        """
+        paths = list(expect)
+        answer = self._txn(
+            [{"key": b64(self.key(path)), "result": "EQUAL", "target": "MOD", "mod_revision": int(expect[path])}
+             for path in paths],
+            [{"request_put": {"key": b64(self.key(path)), "value": b64(self._encode(value))}}
+             for path, value in (put or {}).items()]
+            + [{"request_delete_range": {"key": b64(self.key(path))}} for path in delete],
+            [{"request_range": {"key": b64(self.key(path))}} for path in paths],
+        )
+        if answer.get("succeeded"):
+            return True, int(answer.get("header", {}).get("revision", 0))
+        now = {}
+        for path, response in zip(paths, answer.get("responses") or []):
+            kvs = response["response_range"].get("kvs") or []
+            now[path] = (self._decode(kvs[0]), int(kvs[0].get("mod_revision", 0))) if kvs else (None, 0)
+        return False, now
+
+    def list_with_revisions(self, *path_prefixes):
+        """``[{relative_path: (value, mod_revision)}]``, one per folder, read together in one round trip (a
+        txn of ranges: one consistent revision for all of them)."""
+        folders = [self.folder(path) for path in path_prefixes]
+        answer = self._txn([], [{"request_range": {"key": b64(folder), "range_end": b64(range_end(folder))}}
+                                for folder in folders])
+        return [{unb64(kv["key"]).decode("utf-8")[len(folder):]: (self._decode(kv), int(kv.get("mod_revision", 0)))
+                 for kv in response["response_range"].get("kvs") or []}
+                for folder, response in zip(folders, answer.get("responses") or [])]
+
     def list(self, path_prefix):
         """``{relative_path: value}`` for every key below the folder ``path_prefix``."""
         folder = self.folder(path_prefix)

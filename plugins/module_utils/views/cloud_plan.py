@@ -12,6 +12,7 @@ Nothing is changed. A re-converge with nothing to do (the common case) asks only
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances as instance_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, validated_options, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import placing
 from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images as image_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
@@ -32,6 +33,13 @@ MODULE_SPEC = dict(
             networks=dict(type="list", elements="dict", default=[]),
             instances=dict(type="dict"),
             floating_ips=dict(type="list", elements="dict", default=[]),
+            placement=dict(type="dict", options=dict(
+                instances=dict(type="list", elements="dict", required=True),
+                host=dict(type="str", required=True),
+                hosts=dict(type="list", elements="str", required=True),
+                first_host=dict(type="str", required=True),
+                **{option: dict(type="raw", default=default) for option, default in placing.DEFAULT_RATIOS.items()}
+            )),
         ),
         ETCD_ARGS,
     ),
@@ -71,7 +79,10 @@ def run(module):
     """Entry point for run_module: the entries in check mode, in the role's order, up to the first that
     would change something (``would_change``). It stops there: a later entry's check may depend on that
     change (an instance on a network this run would create), and one change is enough to converge."""
-    changes, warnings = [], []
+    placements, changes = preview_placement(module.params)
+    if changes:
+        return {"changed": False, "would_change": True, "changes": changes, "placements": placements}
+    warnings = []
     for kind, index, options in entries(module.params):
         runner, label = KINDS[kind]
         checked = CheckModule(validated_options(runner.MODULE_SPEC, options, "%s[%d]" % (kind, index), kind=kind,
@@ -83,4 +94,25 @@ def run(module):
             break
     for warning in warnings:
         module.warn(warning)
-    return {"changed": False, "would_change": bool(changes), "changes": changes}
+    return {"changed": False, "would_change": bool(changes), "changes": changes, "placements": placements}
+
+
+def preview_placement(params):
+    """``(placements, changes)`` of the whole declared cloud (``placement``), and this host's instance batch put
+    into ``params["instances"]``: a host not registered yet, or an instance not placed yet, is a change."""
+    wanted = params.get("placement")
+    if wanted is None:
+        return {}, []
+    ratios = {key: wanted[key] for key in placing.DEFAULT_RATIOS}
+    view, declared, existing = placing.prepare(dict(params, instances=wanted["instances"], **ratios))
+    # Placement chooses among registered hosts: the converge registers the play's hosts first.
+    unregistered = sorted(set(wanted["hosts"]) - set(view.hosts()))
+    if unregistered:
+        return {}, [{"kind": "hosts", "name": ", ".join(unregistered),
+                     "actions": ["register host %s" % host for host in unregistered]}]
+    placed = placing.place_all(view, declared, existing, write=False)
+    batch = placing.instances_on_host(wanted["instances"], placed, wanted["host"], wanted["first_host"])
+    params["instances"] = dict(params["instances"] or {}, instances=batch)
+    new = ["place instance %s on %s (%s)" % (name, item["host"], item["reason"])
+           for name, item in placed.items() if item["new"]]
+    return placed, [{"kind": "placement", "name": "the declared instances", "actions": new}] if new else []

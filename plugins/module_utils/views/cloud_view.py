@@ -20,6 +20,11 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
     with_common,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import bridge_of
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import (
+    Placements,
+    free_capacity,
+    reserved_of,
+)
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
@@ -109,6 +114,20 @@ def run(module):
         "floating": store.list("floating"), "floating_ips": records.floating_ips(store),
         "domains": domains, "differences": problems,
     }
+    result.update(placement_view(store))
     if params["events"]:
         result["events"] = store.list("events")
     return result
+
+
+def placement_view(store):
+    """``hosts`` (each record with what is reserved and free, and its instances) and ``placements``."""
+    view = Placements(store)
+    ledgers = view.ledgers()
+    hosts = {}
+    for name, record in view.hosts().items():
+        ledger = ledgers.get(name) or {}
+        hosts[name] = dict(record, reserved=reserved_of(ledger), free=free_capacity(record, ledger),
+                           placed=sorted(ledger.get("instances") or {}))
+    placements = {name: value for name, (value, _rev) in view.current()["placements"].items()}
+    return {"hosts": hosts, "placements": placements}

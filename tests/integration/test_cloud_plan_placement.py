@@ -5,6 +5,7 @@ is touched (the plan stops at the placement before any other module's check)."""
 import pytest
 
 from ansible_collections.smallcloud.kvm.plugins.filter.cloud import FilterModule
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import hosts as host_registry
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import NoCapacity
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placing import instances_on_host
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
@@ -18,6 +19,12 @@ DECLARED = [
     {"name": "web2", "memory": 1024, "anti_affinity": "web", "image": "debian:12"},
     {"name": "db", "memory": 512, "host": "h1", "image": "debian:12"},
 ]
+
+
+@pytest.fixture(autouse=True)
+def this_machine(monkeypatch):
+    """This machine's capacity as the plan observes it: what the registered hosts recorded."""
+    monkeypatch.setattr(host_registry, "capacity", lambda instances_dir: dict(CAPACITY))
 
 
 def register(store, *names, state="active"):
@@ -58,6 +65,15 @@ def test_every_host_previews_the_same_placement_and_takes_its_own_batch(etcd):
     assert hosts["db"] == "h1" and hosts["web1"] != hosts["web2"]
     assert sorted(seen["h1"][1] + seen["h2"][1]) == ["db", "web1", "web2"]
     assert sorted(store.list("")) == ["hosts/h1", "hosts/h2"]  # a preview reserves nothing
+
+
+def test_a_capacity_that_changed_since_the_host_was_registered_is_a_change(etcd, monkeypatch):
+    store = Store.from_params(etcd.module_args)
+    register(store, "h1", "h2")
+    monkeypatch.setattr(host_registry, "capacity", lambda instances_dir: dict(CAPACITY, memory_mb=8192))
+    placements, changes = cloud_plan.preview_placement(plan_params(etcd, "h1"))
+    assert placements == {} and changes[0]["kind"] == "hosts"
+    assert changes[0]["actions"][0].startswith("refresh the capacity of host h1")
 
 
 def test_placed_instances_are_no_change_and_stay_where_they_are(etcd):

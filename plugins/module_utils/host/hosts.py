@@ -30,6 +30,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.state import record
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 VIRT_TYPES = ["kvm", "qemu"]
+DEFAULT_INSTANCES_DIR = "/var/lib/smallcloud/instances"
 
 # plugins/modules/host.py documents exactly these.
 MODULE_SPEC = dict(
@@ -41,7 +42,7 @@ MODULE_SPEC = dict(
             underlay_interface=dict(type="str"),
             virt_type=dict(type="str", choices=VIRT_TYPES),
             status=dict(type="str", choices=list(HOST_STATES)),
-            instances_dir=dict(type="path", default="/var/lib/smallcloud/instances"),
+            instances_dir=dict(type="path", default=DEFAULT_INSTANCES_DIR),
             **{option: dict(type="raw") for option in RATIO_NAMES.values()}
         ),
         ETCD_ARGS,

@@ -12,7 +12,7 @@ Nothing is changed. A re-converge with nothing to do (the common case) asks only
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances as instance_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, validated_options, with_common
-from ansible_collections.smallcloud.kvm.plugins.module_utils.host import placing
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host import hosts, placing
 from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images as image_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
@@ -110,6 +110,12 @@ def preview_placement(params):
     if unregistered:
         return {}, [{"kind": "hosts", "name": ", ".join(unregistered),
                      "actions": ["register host %s" % host for host in unregistered]}]
+    # The converge refreshes this host's record: its capacity, as placement reads it, must be today's.
+    instances_dir = (params["instances"] or {}).get("instances_dir") or hosts.DEFAULT_INSTANCES_DIR
+    recorded = view.hosts()[wanted["host"]].get("capacity")
+    if recorded != hosts.capacity(instances_dir):
+        return {}, [{"kind": "hosts", "name": wanted["host"], "actions": [
+            "refresh the capacity of host %s (recorded: %s)" % (wanted["host"], recorded)]}]
     placed = placing.place_all(view, declared, existing, write=False)
     batch = placing.instances_on_host(wanted["instances"], placed, wanted["host"], wanted["first_host"])
     params["instances"] = dict(params["instances"] or {}, instances=batch)

@@ -344,6 +344,32 @@ def test_cloud_info_flags_a_domain_undefined_behind_the_records_back(cloud, ansi
     store.delete("hosts/hv-info")
 
 
+def test_four_runs_creating_one_instance_at_once_all_succeed_with_one_domain(cloud, ansible):
+    # Issue 15: a run that finds, under the instance's lock, the instance created by a concurrent run as
+    # declared looks again and succeeds unchanged, instead of failing with "changed by someone else".
+    name = cloud.name("race")
+    args = cloud.args(name=name, state="stopped")
+    results = [None] * 4
+
+    def converge(index):
+        results[index] = ansible.run_module("instance", args)
+
+    threads = [threading.Thread(target=converge, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert [result.get("msg") for result in results if result.get("failed")] == []
+    assert sum(result["changed"] for result in results) >= 1
+    assert virsh("list", "--all", "--name").stdout.split().count(name) == 1
+    owner = "instance/%s" % name
+    assert [v for v in cloud.store.list("ipam/%s" % NETWORK).values() if v.get("owner") == owner] != []
+    assert len([v for v in cloud.store.list("mac").values() if v.get("owner") == owner]) == 1
+    assert len([v for v in cloud.store.list("ipam/%s" % NETWORK).values() if v.get("owner") == owner]) == 1
+    gone = ansible.run_module("instance", dict(args, state="absent"))
+    assert gone["changed"] is True and cloud.leftovers(name) == []
+
+
 def test_a_failed_creation_undoes_its_allocations_and_record(cloud, ansible):
     name = cloud.name("fail")
     # Validation passes; creating the instance's directory then fails: MAC and IP were already allocated.

@@ -8,8 +8,11 @@ Lab (all namespaces made by the test, deleted afterwards):
 """
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -85,7 +88,9 @@ class Lab:
         self.tag = uuid.uuid4().hex[:6]
         self.namespaces = []
         self.processes = []
-        self.state_dir = str(tmp_path / "state")
+        # Where dnsmasq, unprivileged, can enter (pytest's own tmp directories are private).
+        self.state_dir = tempfile.mkdtemp(prefix="sct-state-", dir="/run")
+        os.chmod(self.state_dir, 0o755)
         self.prefix = "sct%s-" % self.tag
 
     def netns(self, role):
@@ -163,6 +168,7 @@ class Lab:
             proc.wait()
         for ns in reversed(self.namespaces):
             delete_netns(ns)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def lab_context(tmp_path):
@@ -244,6 +250,9 @@ def test_one_host_lifecycle(ansible, etcd, lab):
     # Drift: a deleted VXLAN, a killed dnsmasq and a dropped nft table are repaired and reported.
     ip("-n", hv, "link", "del", "vx-%x" % vni)
     pid = int(open(os.path.join(lab.state_dir, ns, "dnsmasq.pid")).read())
+    # Issue 15: dnsmasq answers the guests unprivileged (and still re-read the hosts file above).
+    uid = next(line.split()[1] for line in open("/proc/%d/status" % pid) if line.startswith("Uid:"))
+    assert int(uid) == pwd.getpwnam("dnsmasq").pw_uid
     os.kill(pid, 9)
     in_ns(ns, "nft", "delete", "table", "ip", "smallcloud", check=True)
     repaired = ansible.run_module("network", args)

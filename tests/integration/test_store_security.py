@@ -6,7 +6,7 @@ import subprocess
 import urllib.request
 
 import pytest
-from harness.ansible import VENV_BIN, ansible_env
+from harness.ansible import VENV_BIN, ansible_env, local_inventory
 from harness.etcd import ETCD_BINARY, EtcdCluster, EtcdMember
 from harness.ports import wait_for
 
@@ -70,6 +70,43 @@ def test_refused_credentials_are_a_typed_error_without_the_password(auth_etcd, p
         _auth_store(auth_etcd, **params).get("networks/a")
     assert said in caught.value.msg and auth_etcd.endpoints[0] in caught.value.msg
     assert PASSWORD not in caught.value.msg + repr(caught.value.details)
+
+
+def _run_tasks_verbosely(tasks, tmp_path, diff=True):
+    """``ansible-playbook -vvv --diff`` of ``tasks`` on localhost; everything it printed."""
+    play = tmp_path / "play.json"
+    play.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    env = dict(ansible_env(), ANSIBLE_STDOUT_CALLBACK="default")
+    run = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(local_inventory(tmp_path)), "-vvv", str(play)]
+                         + (["--diff"] if diff else []), capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    return run.stdout + run.stderr
+
+
+def test_the_etcd_password_appears_in_no_output_diff_error_or_record(auth_etcd, tmp_path):
+    """Issue 15: every result and log line of runs that succeed, preview, diff and fail (wrong password, etcd
+    down) is free of the password, and so is every key and value the modules wrote into etcd."""
+    connection = {"etcd_endpoints": auth_etcd.endpoints, "etcd_prefix": "/nolog-test/v1", "etcd_user": "root",
+                  "etcd_password": PASSWORD}
+    store = Store.from_params(connection)
+    store.put("hosts/hv1", {"name": "hv1", "state": "active", "capacity": {"vcpus": 2, "memory_mb": 2048,
+                                                                           "disk_gb": 10}})
+    placement = {"smallcloud.kvm.placement": dict(connection, instances=[{"name": "nolog", "memory": 256}])}
+    wrong = {"smallcloud.kvm.placement": dict(connection, etcd_password=PASSWORD[::-1],
+                                              instances=[{"name": "nolog", "memory": 256}]),
+             "ignore_errors": True}
+    down = {"smallcloud.kvm.instance_move": dict(connection, step="list", from_host="hv1",
+                                                 etcd_endpoints=["http://127.0.0.1:9"]), "ignore_errors": True}
+    listed = {"smallcloud.kvm.instance_move": dict(connection, step="list", from_host="hv1")}
+    preview = _run_tasks_verbosely([dict(placement, check_mode=True)], tmp_path)
+    output = preview + _run_tasks_verbosely([placement, listed, wrong, down], tmp_path)
+    assert "place instance nolog on hv1" in output and "authentication failed" in output
+    assert "StoreUnreachable" in output  # every kind of run happened
+    assert PASSWORD not in output and PASSWORD[::-1] not in output
+    written = store.list("")
+    assert written and PASSWORD not in json.dumps(written)
+    store.delete_prefix("hosts")
+    store.delete_prefix("placement")
 
 
 # TLS --------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Pure logic of the network runner: names, validation, dnsmasq and nftables rendering."""
 
 import ipaddress
+import os
+import tempfile
 
 import pytest
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
@@ -154,3 +156,20 @@ def test_top_records_skips_nested_keys():
 def test_in_netns_wraps_only_named_namespaces():
     assert svc.in_netns(None, ["nft", "list"]) == ["nft", "list"]
     assert svc.in_netns("x", ["nft"]) == ["ip", "netns", "exec", "x", "nft"]
+
+
+def test_dnsmasq_runs_unprivileged_and_refuses_a_state_dir_it_could_not_enter(tmp_path):
+    conf = svc.dnsmasq_conf(str(tmp_path / "gw"), "lan", ipaddress.ip_network("10.0.0.0/24"), gateway_ip="10.0.0.1",
+                            mtu=1450, dns_servers=[])
+    assert "user=dnsmasq\ngroup=nogroup\n" in conf and "user=root" not in conf
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(InvalidInput) as caught:
+        svc.check_reachable_by_dnsmasq(str(private / "networks" / "scnet-a"))
+    assert str(private) in caught.value.msg and "mode 700" in caught.value.msg
+    reachable = tempfile.mkdtemp(prefix="sct-reach-", dir="/var/tmp")
+    try:
+        os.chmod(reachable, 0o755)
+        svc.check_reachable_by_dnsmasq(os.path.join(reachable, "networks", "scnet-a"))  # no error
+    finally:
+        os.rmdir(reachable)

@@ -21,7 +21,12 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection 
     undefine_flags,
     wait_stopped,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import (
+    ChangedMeanwhile,
+    Conflict,
+    HostError,
+    InvalidInput,
+)
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import resolved
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import refresh_leases
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
@@ -56,7 +61,7 @@ class InstanceApplier:
     def check_record_unchanged(self):
         stored = self.store.get(self.path)
         if stored is not None and stored != self.record:
-            raise Conflict("instance %s was changed by someone else meanwhile" % self.name, name=self.name)
+            raise ChangedMeanwhile("instance %s was changed by someone else meanwhile" % self.name, name=self.name)
 
     # allocations -----------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_observe import Observation
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_planner import InstancePlanner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_spec import MODULE_SPEC, expand
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import ChangedMeanwhile
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
@@ -55,8 +56,8 @@ def run(module):
         # shutdown waits overlap: N guests that ignore ACPI cost one shutdown_timeout, not N.
         for planner in planners:
             planner.shutdown.apply(module.check_mode)
-        for planner in planners:
-            apply_one(planner, module.check_mode)
+        for index, planner in enumerate(planners):
+            planners[index] = apply_or_replan(module.params, store, conn, planner, module.check_mode)
     finally:
         conn.close()
     waited = wait_for_guests(module.params, planners, networks, floating_ips, module.check_mode)
@@ -81,6 +82,23 @@ def wait_for_guests(params, planners, networks, floating_ips, check_mode):
     routes = {planner.name: reachability.probe_route(planner.name, planner.applier.record, networks, floating_ips,
                                                      params["namespace_prefix"]) for planner in running}
     return reachability.wait_for_ssh(routes, params["wait_timeout"])
+
+
+def apply_or_replan(params, store, conn, planner, check_mode):
+    """Apply one instance's plan; the planner whose plan was applied.
+
+    When another run created the instance between this run's look and its lock (several controllers converging
+    the same cloud at once), its plan is stale: look again, as that run left it, and apply what is still to do
+    (usually nothing), instead of failing a run whose work is done.
+    """
+    try:
+        apply_one(planner, check_mode)
+        return planner
+    except ChangedMeanwhile:
+        fresh = InstancePlanner(Observation(params, store, conn), planner.want)
+        fresh.build()
+        apply_one(fresh, check_mode)
+        return fresh
 
 
 def apply_one(planner, check_mode):

@@ -52,5 +52,9 @@ class Conflict(StoreError):
     """A record or value is taken by someone else (VNI, fixed IP, name)."""
 
 
+class ChangedMeanwhile(Conflict):
+    """A record changed between a run's look and its lock: another run did the same work meanwhile."""
+
+
 class LockTimeout(StoreError):
     """A lock could not be acquired in time; ``lock`` names it."""

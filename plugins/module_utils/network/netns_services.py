@@ -12,7 +12,7 @@ import time
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.files import read_text
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, InvalidInput
 
 NETNS_DIR = "/run/netns"  # where `ip netns` keeps named namespaces
 NFT_TABLE = "smallcloud"
@@ -143,6 +143,9 @@ def nft_delete_table(netns):
 
 # dnsmasq ---------------------------------------------------------------------------------------
 
+# Debian's dnsmasq package makes this user; nogroup owns nothing.
+DNSMASQ_USER, DNSMASQ_GROUP = "dnsmasq", "nogroup"
+
 
 def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers, dns=False, lease_time="12h"):
     """dnsmasq.conf text: static DHCP leases from the hosts file, option 26 = ``mtu``, and DNS.
@@ -160,9 +163,11 @@ def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers,
         # Its own view only: no names from the gateway host's /etc/hosts.
         "no-hosts",
         "dhcp-authoritative",
-        # Stays root: it re-reads the hosts file on SIGHUP, and state_dir may sit under a private (0700)
-        # directory; it is confined to the network's own namespace.
-        "user=root",
+        # Unprivileged once it has bound its sockets and opened its lease and pid files: what a guest can
+        # make it do, it does without root. It re-reads the hosts and names files on SIGHUP as this user,
+        # so they are world-readable and state_dir must be reachable (check_reachable_by_dnsmasq).
+        "user=%s" % DNSMASQ_USER,
+        "group=%s" % DNSMASQ_GROUP,
         "pid-file=%s" % os.path.join(state_dir, "dnsmasq.pid"),
         "dhcp-leasefile=%s" % os.path.join(state_dir, "leases"),
         "dhcp-hostsfile=%s" % os.path.join(state_dir, "hosts"),
@@ -184,6 +189,21 @@ def dnsmasq_conf(state_dir, interface, network, *, gateway_ip, mtu, dns_servers,
         if dns_servers:
             lines.append("dhcp-option=option:dns-server,%s" % ",".join(dns_servers))
     return "\n".join(lines) + "\n"
+
+
+def check_reachable_by_dnsmasq(state_dir):
+    """InvalidInput naming the first existing directory above ``state_dir`` that other users cannot enter:
+    dnsmasq, unprivileged, could not re-read its hosts files there."""
+    path = os.path.dirname(os.path.abspath(state_dir))
+    while True:
+        if os.path.isdir(path) and not os.stat(path).st_mode & 0o001:
+            raise InvalidInput("state_dir %s is below %s (mode %o), which dnsmasq's user %s cannot enter; choose a "
+                               "state_dir whose parents other users can enter (e.g. the default /run/smallcloud/"
+                               "networks)" % (state_dir, path, os.stat(path).st_mode & 0o7777, DNSMASQ_USER),
+                               state_dir=state_dir)
+        if path == os.path.dirname(path):
+            return
+        path = os.path.dirname(path)
 
 
 def dnsmasq_hosts(leases):

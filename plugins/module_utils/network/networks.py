@@ -363,6 +363,8 @@ class NetworkRunner:
             egress=record.get("egress_address"), dhcp=gateway and bool(record.get("dhcp")),
         )
         want["state_dir"] = gateway_state_dir(self.params["state_dir"], want["vni"], self.params["namespace_prefix"])
+        if want["dhcp"]:
+            svc.check_reachable_by_dnsmasq(want["state_dir"])
         want["conf"] = svc.dnsmasq_conf(want["state_dir"], LAN, network, gateway_ip=want["gateway_ip"],
                                         mtu=want["mtu"], dns_servers=record.get("dns_servers") or [],
                                         dns=bool(record.get("dns", False)))

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.e2e
 UNDERLAY_HOST, OUTSIDE_NS, OUTSIDE_IP = "10.250.0.1", "sclab-outside", "10.250.0.254"
 POOL = "198.18.61.0/24"  # egress and floating addresses; the uplink (outside namespace) routes it to h1
 PEER_IP, ISOLATED_IP = "10.61.0.30", "10.62.0.30"
+# What runs the cloud (issue 15): HTTP listens on every address of h1 (the gateway's host: its underlay and the
+# host end of the egress link) and of h2 (the guest's own host); no guest may reach any of them.
+CONTROL_PLANE = ("10.250.0.11", "169.254.0.1", "10.250.0.12")
 # Shell-script user-data runs once the tiny guest is up: every 2 s it tries HTTP to the other guests and
 # the outside (busybox nc: the static busybox's wget crashes), and says what answered on its console.
 PROBE = """#!/bin/sh
@@ -39,7 +42,7 @@ while true; do
   echo "$line"
   sleep 2
 done
-""" % " ".join([PEER_IP, ISOLATED_IP, OUTSIDE_IP])
+""" % " ".join([PEER_IP, ISOLATED_IP, OUTSIDE_IP, *CONTROL_PLANE])
 BOOT_TIMEOUT = 420
 
 
@@ -105,6 +108,11 @@ def cloud(tmp_path_factory, tiny_image):
             ["ip", "netns", "exec", OUTSIDE_NS, sys.executable, "-m", "http.server", "80", "--bind", OUTSIDE_IP,
              "--directory", str(directory / "outside")],
             stdout=subprocess.DEVNULL, stderr=open(directory / "outside.log", "w")))  # noqa: SIM115
+        for host in ("h1", "h2"):  # a service of the hypervisor, on all its addresses
+            servers.append(subprocess.Popen(  # noqa: S603 - argv list
+                ["ip", "netns", "exec", "sclab-" + host, sys.executable, "-m", "http.server", "80", "--bind",
+                 "0.0.0.0", "--directory", str(directory / "outside")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         yield Cloud(directory, "http://%s:8097/tiny.qcow2" % UNDERLAY_HOST, tiny_image.checksums()["tiny.qcow2"])
     finally:
         for server in servers:
@@ -157,6 +165,22 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
                                if p[PEER_IP] == "ok" and p[OUTSIDE_IP] == "ok"], BOOT_TIMEOUT, interval=3,
                       what="mh-g2 to reach mh-g3 and outside")
     assert rounds[-1][ISOLATED_IP] == "fail", rounds
+    # Nothing of the hypervisors answers the guest: each host's fence drops it (issue 15).
+    assert [target for target in CONTROL_PLANE if rounds[-1][target] != "fail"] == [], rounds[-1]
+    # Without h1's fence, the guest reaches h1's service through its gateway; the next converge puts it back.
+    assert cloud.ssh("h1", "nft delete table inet smallcloud_fence").returncode == 0
+    seen = len(probes(cloud.console("h2", "mh-g2")))
+    open_rounds = wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen:]
+                                    if p["169.254.0.1"] == "ok" and p["10.250.0.11"] == "ok"], 120, interval=3,
+                           what="mh-g2 to reach h1 without its fence")
+    assert open_rounds
+    fenced = cloud.playbook(ansible, "converge")
+    assert fenced.rc == 0 and fenced.failures() == [], fenced.failures()
+    assert cloud.ssh("h1", "nft list table inet smallcloud_fence").returncode == 0
+    seen = len(probes(cloud.console("h2", "mh-g2")))
+    wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen + 1:]
+                      if all(p[target] == "fail" for target in CONTROL_PLANE) and p[OUTSIDE_IP] == "ok"], 120,
+             interval=3, what="h1's fence to be back")
     floating = [record for record in store.list("floating_ips").values() if record.get("instance") == "mh-g3"]
     egress = store.get("networks/mh-net1")["egress_address"]
     outside_log = (cloud.dir / "outside.log").read_text()

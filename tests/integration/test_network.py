@@ -255,10 +255,14 @@ def test_one_host_lifecycle(ansible, etcd, lab):
     assert int(uid) == pwd.getpwnam("dnsmasq").pw_uid
     os.kill(pid, 9)
     in_ns(ns, "nft", "delete", "table", "ip", "smallcloud", check=True)
+    # The host's fence (issue 15) is there, and a deleted one comes back.
+    assert in_ns(hv, "nft", "list", "table", "inet", "smallcloud_fence").returncode == 0
+    in_ns(hv, "nft", "delete", "table", "inet", "smallcloud_fence", check=True)
     repaired = ansible.run_module("network", args)
     assert repaired["changed"] is True
     text = "\n".join(repaired["actions"])
     assert "create VXLAN vx-%x" % vni in text and "start dnsmasq" in text and "write nft table" in text, text
+    assert "write nft table inet smallcloud_fence" in text, text
     assert ansible.run_module("network", args)["changed"] is False
     assert tcp_hello(guest, OUTSIDE_IP, 8080) == "hello %s" % applied["egress_address"]
 
@@ -274,6 +278,7 @@ def test_one_host_lifecycle(ansible, etcd, lab):
     assert removed["changed"] is True and removed["diff"]["after"]["record"] is None
     assert ns not in netns_list()
     assert not [name for name in links(hv) if name.endswith("-%x" % vni)]
+    assert in_ns(hv, "nft", "list", "tables").stdout == ""  # the fence went with the last network
     assert not os.path.exists(os.path.join(lab.state_dir, ns))
     assert etcd.key_count() == 0, store.list("")
     assert ansible.run_module("network", absent)["changed"] is False

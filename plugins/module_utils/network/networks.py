@@ -22,6 +22,7 @@ Instances attach through ``instances/NAME`` records:
 import contextlib
 import ipaddress
 import os
+import re
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import files
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
@@ -34,6 +35,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import (
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan, resolved, unresolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import fence
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netns_services as svc
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import (
     VXLAN_OVERHEAD,
@@ -58,6 +60,9 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators im
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
 MTU_MIN, MTU_MAX = 576, 9000
+
+# The links of any network on a host (devices.device_names): with none left, the fence goes too.
+NETWORK_LINK = re.compile(r"^(vx|br|vg|ve)-[0-9a-f]+$")
 
 MODULE_SPEC = dict(
     argument_spec=with_common(
@@ -162,6 +167,7 @@ class NetworkRunner:
         self.want = None  # the host's desired state, once the host plan is built
         self.underlay_name = params["underlay_interface"]  # filled from the default route by underlay()
         self.mesh = None  # with mesh_hosts: the VTEPs of those hosts, from their registrations
+        self._registered = None
 
     def creation_lock(self):
         """The cloud-wide lock, held from planning to apply, when this run creates the network.
@@ -214,6 +220,12 @@ class NetworkRunner:
         self.underlay_name, address, mtu = underlay_of(self.host, self.params["underlay_interface"])
         return address, mtu
 
+    def registered(self):
+        """``{name: record}`` of the registered hypervisors, read once."""
+        if self._registered is None:
+            self._registered = records.hosts(self.store)
+        return self._registered
+
     def mesh_vteps(self, vtep):
         """With ``mesh_hosts``: this host's VTEP and the underlay addresses of those hosts that are registered
         (``hosts/NAME``); None without. A host not registered yet carries no guest, so it is left out until
@@ -221,7 +233,7 @@ class NetworkRunner:
         names = self.params["mesh_hosts"]
         if names is None:
             return None
-        registered = records.hosts(self.store)
+        registered = self.registered()
         vteps = {(registered.get(name) or {}).get("underlay_address") for name in names}
         return sorted((vteps - {None}) | {vtep})
 
@@ -471,6 +483,15 @@ class HostPlan:
             self.namespace()
         else:
             self.teardown_gateway()
+        self.fence()
+
+    def fence(self):
+        """The host's fence (network/fence.py) with today's control plane: registered hosts, etcd members."""
+        addresses = fence.control_addresses(self.runner.registered(), self.runner.store.gateway.endpoints)
+        seen, wanted = fence.observe(self.host_netns), fence.wanted(addresses)
+        if self.plan.compare("fence", seen, wanted):
+            self.plan.add("write nft table inet %s (control plane: %s)" % (fence.TABLE, ", ".join(addresses)),
+                          fence.apply, self.host_netns, addresses)
 
     def bridge(self):
         """Bridge br-<vni>, with the network's MTU, up."""
@@ -685,12 +706,16 @@ class HostPlan:
         svc.netns_delete(self.want["namespace"])
 
     def teardown(self):
-        """Queue removal of everything this network has on this host."""
+        """Queue removal of everything this network has on this host (and the fence, with the last network)."""
         self.plan.compare("links", sorted(n for n in self.links if n in self.device_set()), [])
         self.teardown_gateway()
         for name in (self.want["vxlan"], self.want["bridge"]):
             if name in self.links:
                 self.plan.add("delete %s" % name, self.host.delete_link, name)
+        others = [name for name in self.host.links() if NETWORK_LINK.match(name) and name not in self.device_set()]
+        if not others and fence.observe(self.host_netns) is not None:
+            self.plan.add("delete nft table inet %s (the last network left this host)" % fence.TABLE,
+                          fence.remove, self.host_netns)
 
     def device_set(self):
         """Names of this network's links on the host."""

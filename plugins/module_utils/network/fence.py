@@ -10,7 +10,8 @@ network on the host and removed with the last one:
   routed traffic; only replies to connections the host opened pass) and not from a network's bridge ``br-*``
   (a guest that ARPs for a host address on its own segment);
 - forward: routed guest traffic does not reach the control plane of the other hosts: the underlay addresses
-  of every registered hypervisor and the etcd members the modules talk to (the set ``control``).
+  of every registered hypervisor and the etcd members the modules talk to (the set ``control``), except the
+  replies to connections those hosts opened (another hypervisor probing a guest on its floating IP).
 
 Guests keep DHCP and DNS (served in their network's namespace, not by the host), the outside through NAT, and
 each other.
@@ -26,7 +27,7 @@ TABLE = "smallcloud_fence"
 # The links guest traffic arrives on (device_names: ``ve-<hex>`` egress host ends, ``br-<hex>`` bridges).
 GUEST_LINKS = ("ve-*", "br-*")
 INPUT_RULES = 3  # established from ve-*, drop ve-*, drop br-*
-FORWARD_RULES = 1
+FORWARD_RULES = 2  # established from ve-* (replies to a hypervisor's own connection, e.g. to a floating IP)
 
 
 def control_addresses(hosts, endpoints):
@@ -61,6 +62,7 @@ def script(addresses):
         "  }",
         "  chain forward {",
         "    type filter hook forward priority -10; policy accept;",
+        '    iifname "ve-*" ct state established,related accept',
         '    iifname "ve-*" ip daddr @control drop',
         "  }",
         "}",

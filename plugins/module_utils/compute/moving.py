@@ -37,6 +37,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core import command
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
+from ansible_collections.smallcloud.kvm.plugins.module_utils.host.hosts import instances_on
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import (
     Placements,
     demand_of,
@@ -119,10 +120,9 @@ def host_names(store, host):
 def step_list(params, store, _check_mode):
     """The instances on ``from_host``: by record, by placement, and those moving away from it."""
     host = params["from_host"]
-    record, names = host_names(store, host)
+    record, _names = host_names(store, host)
     placements = Placements(store)
-    on_host = {name for name, instance in records.instances(store).items()
-               if isinstance(instance, dict) and instance.get("host") in names}
+    on_host = set(instances_on(store, host, record.get("hostname")))
     on_host |= {name for name, (placed, _rev) in placements.current()["placements"].items()
                 if placed.get("host") == host or placed.get("moving_from") == host}
     return {"changed": False, "instances": sorted(on_host), "host": record}
@@ -132,7 +132,7 @@ def step_reserve(params, store, check_mode):
     """The target of instance ``name``: the one a killed run reserved, else placement's choice, reserved in one
     txn with the record's ``moving_to``. ``moved`` when the record is no longer on ``from_host``."""
     name, source = params["name"], params["from_host"]
-    _record, names = host_names(store, source)
+    source_record, names = host_names(store, source)
     path = records.instance_key(name)
     instance, instance_rev = store.get_with_revision(path)
     if not isinstance(instance, dict):
@@ -145,8 +145,7 @@ def step_reserve(params, store, check_mode):
         return dict(result, moved=True, target=(placed or {}).get("host") or instance.get("host"))
     if instance.get("moving_to"):
         return dict(result, target=instance["moving_to"])
-    state = records.hosts(store)[source].get("state", "active")
-    if state == "active":
+    if source_record.get("state", "active") == "active":
         raise InvalidInput("host %s is active; drain it first (smallcloud.kvm.host status=draining), so that "
                            "nothing is placed there while its instances move" % source, host=source)
     disks = (instance.get("disk_size") or 0) + sum(instance.get("ephemeral_disks") or [])

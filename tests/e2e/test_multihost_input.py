@@ -133,6 +133,22 @@ def test_plaintext_client_off_loopback_is_refused_unless_allowed(ansible, member
     assert_only(run, preflight_tasks("etcd"))
 
 
+def test_a_single_plaintext_member_binds_to_loopback_by_default(ansible, members):
+    def member(run):
+        (fact,) = [result["ansible_facts"]["_etcd_member"] for task in run.tasks
+                   if task_name(task) == "Record this member" for result in task["hosts"].values()]
+        return fact
+
+    # No address given, client TLS off (the default for one member), no opt-out: loopback, not refused. (With
+    # etcd_allow_plaintext or client TLS the default is the host's address: the test above shows the refusal
+    # and the opt-out for a plaintext address off loopback.)
+    run = members.preflight(ansible, members.inventory({"solo": {}}))
+    assert run.rc == 0 and run.failures() == [], f"{run.failures()}\n{run.stderr[-3000:]}"
+    solo = member(run)
+    assert solo["client_url"].startswith("http://127.0.0.1:") and solo["peer_url"].startswith("http://127.0.0.1:")
+    assert solo["tls_client"] is False
+
+
 def test_even_member_count_warns_and_advises_an_odd_one(ansible, members):
     inventory = members.inventory({"m1": {}, "m2": {}}, etcd_address="127.0.0.1", etcd_tls_client=False,
                                   etcd_tls_peer=False, etcd_tls_client_cert_auth=False)

@@ -46,4 +46,13 @@ options:
     description: Seconds to wait for one etcd request before trying the next endpoint.
     type: int
     default: 10
+  etcd_lock_ttl:
+    description:
+      - Seconds a lock this module takes in etcd (on a network, an instance, a floating IP) outlives the run
+        holding it when that run dies (killed, host lost); a live run renews it every third of this time.
+      - A run killed while it held a lock makes the next run wait up to this long; a lock is lost (and the
+        run fails) when its holder cannot reach etcd for this long.
+      - At least V(1).
+    type: int
+    default: 60
 """

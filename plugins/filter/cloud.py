@@ -31,8 +31,20 @@ def cloud_network_calls(networks, gateway_networks, mesh_hosts, underlay_interfa
     return calls
 
 
+def cloud_unused_security_groups(groups, instances, keep_groups, keep_instances):
+    """Sorted names of the recorded security ``groups`` a prune removes: not in ``keep_groups``, no kept instance
+    in them (``instances``: the records by name) and no kept group's rule naming them."""
+    kept = set(keep_groups or [])
+    used = {group for name, record in (instances or {}).items() if name in (keep_instances or [])
+            for group in (record or {}).get("security_groups") or []}
+    used |= {rule.get("group") for name, record in (groups or {}).items() if name in kept
+             for rule in (record or {}).get("rules") or []}
+    return sorted(set(groups or {}) - kept - used)
+
+
 class FilterModule:
     """smallcloud.kvm's filters."""
 
     def filters(self):
-        return {"cloud_network_calls": cloud_network_calls, "cloud_host_instances": instances_on_host}
+        return {"cloud_network_calls": cloud_network_calls, "cloud_host_instances": instances_on_host,
+                "cloud_unused_security_groups": cloud_unused_security_groups}

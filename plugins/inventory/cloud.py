@@ -17,7 +17,8 @@ description:
   - Host variables - C(smallcloud_uuid), C(smallcloud_hypervisor) (the host the instance runs on),
     C(smallcloud_networks) (names), C(smallcloud_interfaces) (a list of C(network), C(ip), C(mac)),
     C(smallcloud_ips), C(smallcloud_macs), C(smallcloud_image), C(smallcloud_state),
-    C(smallcloud_floating_ips), C(smallcloud_metadata) (the instance's C(metadata) key/value strings) and
+    C(smallcloud_floating_ips), C(smallcloud_metadata) (the instance's C(metadata) key/value strings),
+    C(smallcloud_security_groups) (the names of its security groups) and
     C(smallcloud_gateways) (per network of the instance - C(vtep), the underlay address of the hypervisor that
     carries the network's gateway, C(namespace), the gateway namespace there, and C(ip), the gateway address
     inside the network).
@@ -153,6 +154,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing import gateway_facts
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import (
     DEFAULT_NAMESPACE_PREFIX,
+    check_namespace_prefix,
     device_names,
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
@@ -218,6 +220,7 @@ def host_vars(name, record, networks, floating_ips, namespace_prefix=DEFAULT_NAM
         "smallcloud_state": record.get("state"),
         "smallcloud_floating_ips": floating,
         "smallcloud_metadata": dict(record.get("metadata") or {}),
+        "smallcloud_security_groups": list(record.get("security_groups") or []),
         "smallcloud_gateways": {network: gateway_of(networks[network], namespace_prefix)
                                 for network in names if network in networks},
     }
@@ -275,11 +278,16 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         self.populate(listing)
 
     def check_options(self, config, path):
-        """AnsibleParserError naming the keys of the source file that are no option (Ansible ignores them)."""
+        """AnsibleParserError naming the keys of the source file that are no option (Ansible ignores them), or a
+        ``namespace_prefix`` the modules would refuse (it ends up in the gateway proxy's command)."""
         unknown = sorted(set(config) - set(self.option_definitions))
         if unknown:
             raise AnsibleParserError("smallcloud.kvm.cloud: %s has unknown option(s) %s; the options are %s"
                                      % (path, ", ".join(map(str, unknown)), ", ".join(sorted(self.option_definitions))))
+        try:
+            check_namespace_prefix(self.get_option("namespace_prefix"))
+        except SmallcloudError as error:
+            raise AnsibleParserError("smallcloud.kvm.cloud: %s: %s" % (path, error.msg)) from error
 
     def _listing(self, path, cache):
         """The records: from the inventory cache when it is on and has them, else from etcd (then cached)."""

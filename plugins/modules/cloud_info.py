@@ -64,6 +64,10 @@ floating_ips:
   description: Floating IP records by address, each C({address, pool, network, instance, fixed_ip}).
   returned: always
   type: dict
+security_groups:
+  description: Security group records by name, each C({name, description, rules}) (M(smallcloud.kvm.security_group)).
+  returned: always
+  type: dict
 domains:
   description: libvirt domains of this host by name, with C(managed), C(state), C(macs) and C(bridges).
   returned: always

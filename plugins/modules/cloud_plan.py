@@ -10,9 +10,9 @@ description:
     M(smallcloud.kvm.floating_ip) in check mode, in one process, for the options given. Each entry is
     validated against its own module's options and planned by that module's own code.
   - Changes nothing. RV(would_change) says whether any of them would change something, RV(changes) what.
-  - The entries are checked in the role's order (images, networks, instances, floating IPs) up to the first
-    that would change something. Later ones are not checked, as their check may depend on that change (an
-    instance on a network the converge would create first).
+  - The entries are checked in the role's order (security groups, images, networks, instances, floating IPs) up
+    to the first that would change something. Later ones are not checked, as their check may depend on that
+    change (an instance on a network the converge would create first).
   - The cloud role asks it first on every host and skips its converge tasks when no host would change
     anything, so a re-converge of an unchanged cloud costs one module call per host.
 version_added: "0.1.0"
@@ -22,6 +22,12 @@ extends_documentation_fragment:
   - smallcloud.kvm.attributes.info_module
   - smallcloud.kvm.etcd
 options:
+  security_groups:
+    description:
+      - Options of M(smallcloud.kvm.security_group), one dict per group; the etcd options default to this module's.
+    type: list
+    elements: dict
+    default: []
   images:
     description: Options of M(smallcloud.kvm.image), one dict per image.
     type: list
@@ -121,7 +127,8 @@ changes:
   elements: dict
   contains:
     kind:
-      description: C(hosts), C(placement), C(images), C(networks), C(instances) or C(floating_ips).
+      description: C(hosts), C(placement), C(security_groups), C(images), C(networks), C(instances) or
+        C(floating_ips).
       type: str
     name:
       description: The image URL or name, the network's name, or the floating IP's network and target.

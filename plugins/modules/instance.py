@@ -134,6 +134,18 @@ options:
       - Changing them rewrites the record only; the guest does not see them.
     type: dict
     default: {}
+  security_groups:
+    description:
+      - Names of M(smallcloud.kvm.security_group) groups whose rules let traffic in (and, with egress rules, out).
+        Each must exist.
+      - None (the default) - replies to what the guest opened and traffic from its own networks only; nothing
+        from elsewhere, a floating IP's included. Egress is open unless a group has egress rules.
+      - Enforced by this module on the host that runs the instance (nftables table C(inet smallcloud_guests),
+        rewritten on every run where what it is made from changed); changing the list or a group's rules
+        restarts nothing.
+    type: list
+    elements: str
+    default: []
   wait_for:
     description:
       - V(ssh) waits, after every change is applied, until each running instance of the call answers with
@@ -245,6 +257,10 @@ instances:
     metadata:
       description: The instance's O(metadata).
       type: dict
+    security_groups:
+      description: The instance's O(security_groups).
+      type: list
+      elements: str
     ssh_after:
       description: With O(wait_for=ssh), seconds until the guest answered SSH.
       type: float

@@ -26,18 +26,21 @@ PEER_IP, ISOLATED_IP = "10.61.0.30", "10.62.0.30"
 # host end of the egress link) and of h2 (the guest's own host); no guest may reach any of them.
 CONTROL_PLANE = ("10.250.0.11", "169.254.0.1", "10.250.0.12")
 # Shell-script user-data runs once the tiny guest is up: every 2 s it tries HTTP to the other guests and
-# the outside (busybox nc: the static busybox's wget crashes), and says what answered on its console.
+# the outside (busybox nc: the static busybox's wget crashes), all targets at once (a dropped one costs its 2 s
+# timeout once per round, not once per target), and says what answered on its console.
 PROBE = """#!/bin/sh
+TARGETS="%s"
 n=0
 while true; do
   n=$((n + 1))
+  for target in $TARGETS; do
+    (if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 "$target" 80 | grep -q '200 OK'; then
+       echo ok > /tmp/probe.$target; else echo fail > /tmp/probe.$target; fi) &
+  done
+  wait
   line="SMALLCLOUD-PROBE $n"
-  for target in %s; do
-    if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 "$target" 80 | grep -q '200 OK'; then
-      line="$line $target=ok"
-    else
-      line="$line $target=fail"
-    fi
+  for target in $TARGETS; do
+    line="$line $target=$(cat /tmp/probe.$target)"
   done
   echo "$line"
   sleep 2
@@ -61,10 +64,12 @@ class Cloud(LabCloud):
             ],
             "cloud_instances": [
                 self.guest("mh-g2", "h2", "mh-net1", user_data=PROBE),
-                self.guest("mh-g3", "h3", {"name": "mh-net1", "ip": PEER_IP}),
+                self.guest("mh-g3", "h3", {"name": "mh-net1", "ip": PEER_IP}, security_groups=["mh-web"]),
                 self.guest("mh-g3b", "h3", {"name": "mh-net2", "ip": ISOLATED_IP}),
             ],
             "cloud_floating_ips": [{"network": "mh-net1", "instance": "mh-g3", "pool": POOL}],
+            # mh-g3 answers HTTP on its floating IP; the others, in no group, only their own network.
+            "cloud_security_groups": [{"name": "mh-web", "rules": [{"protocol": "tcp", "port": 80}]}],
         }
 
     def guest(self, name, host, network, **extra):
@@ -167,31 +172,42 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
     assert rounds[-1][ISOLATED_IP] == "fail", rounds
     # Nothing of the hypervisors answers the guest: each host's fence drops it (issue 15).
     assert [target for target in CONTROL_PLANE if rounds[-1][target] != "fail"] == [], rounds[-1]
+    floating = [record for record in store.list("floating_ips").values() if record.get("instance") == "mh-g3"]
+    egress = store.get("networks/mh-net1")["egress_address"]
+    outside_log = (cloud.dir / "outside.log").read_text()
+    assert egress in outside_log and instances["mh-g2"]["interfaces"][0]["ip"] not in outside_log
+
+    # The floating IP of the guest on h3 answers from the outside namespace: its group mh-web opens port 80.
+    def floating_answer():
+        return in_outside("curl", "-s", "--max-time", "3", "http://%s/hostname" % floating[0]["address"]).stdout.strip()
+
+    answer = wait_for(floating_answer, 60, interval=3, what="the floating IP to answer")
+    assert answer == "mh-g3"
+
     # Without h1's fence, the guest reaches h1's service through its gateway; the next converge puts it back.
+    # That converge also closes port 80 in mh-web: h3 rewrites its guest filter, the guest keeps running, the
+    # floating IP stops answering, and mh-g2 (same network) still reaches mh-g3 on port 80.
     assert cloud.ssh("h1", "nft delete table inet smallcloud_fence").returncode == 0
     seen = len(probes(cloud.console("h2", "mh-g2")))
     open_rounds = wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen:]
                                     if p["169.254.0.1"] == "ok" and p["10.250.0.11"] == "ok"], 120, interval=3,
                            what="mh-g2 to reach h1 without its fence")
     assert open_rounds
-    fenced = cloud.playbook(ansible, "converge")
+    closed = [{"name": "mh-web", "rules": [{"protocol": "tcp", "port": 8080}]}]
+    domain_id = cloud.ssh("h3", "virsh -c qemu:///system domid mh-g3").stdout.strip()
+    fenced = cloud.playbook(ansible, "converge", {"cloud_security_groups": closed})
     assert fenced.rc == 0 and fenced.failures() == [], fenced.failures()
     assert cloud.ssh("h1", "nft list table inet smallcloud_fence").returncode == 0
+    assert "dport 8080" in cloud.ssh("h3", "nft list table inet smallcloud_guests").stdout
+    assert floating_answer() == "", "port 80 answers on the floating IP although mh-web no longer opens it"
     seen = len(probes(cloud.console("h2", "mh-g2")))
     wait_for(lambda: [p for p in probes(cloud.console("h2", "mh-g2"))[seen + 1:]
-                      if all(p[target] == "fail" for target in CONTROL_PLANE) and p[OUTSIDE_IP] == "ok"], 120,
-             interval=3, what="h1's fence to be back")
-    floating = [record for record in store.list("floating_ips").values() if record.get("instance") == "mh-g3"]
-    egress = store.get("networks/mh-net1")["egress_address"]
-    outside_log = (cloud.dir / "outside.log").read_text()
-    assert egress in outside_log and instances["mh-g2"]["interfaces"][0]["ip"] not in outside_log
-
-    # The floating IP of the guest on h3 answers from the outside namespace.
-    def floating_answer():
-        return in_outside("curl", "-s", "--max-time", "3", "http://%s/hostname" % floating[0]["address"]).stdout.strip()
-
-    answer = wait_for(floating_answer, 60, interval=3, what="the floating IP to answer")
-    assert answer == "mh-g3"
+                      if all(p[target] == "fail" for target in CONTROL_PLANE) and p[OUTSIDE_IP] == "ok"
+                      and p[PEER_IP] == "ok"], 120, interval=3, what="h1's fence to be back")
+    assert cloud.ssh("h3", "virsh -c qemu:///system domid mh-g3").stdout.strip() == domain_id  # not restarted
+    reopened = cloud.playbook(ansible, "converge")
+    assert reopened.rc == 0 and reopened.failures() == [], reopened.failures()
+    assert wait_for(floating_answer, 30, interval=3, what="the floating IP to answer again") == "mh-g3"
 
     # The re-run changes nothing on any host.
     again = cloud.playbook(ansible, "converge")
@@ -248,7 +264,8 @@ def test_the_cloud_across_three_lab_hosts(cloud, ansible):
         left = cloud.ssh(host, "virsh -c qemu:///system list --all --name; ip -br link | grep -E '^(vx|br|vg|ve)-'; "
                          "ip netns list; nft list tables")
         assert left.stdout.strip() == "", (host, left.stdout)
-    folders = ("networks", "instances", "floating_ips", "vni", "ipam", "mac", "floating", "locks", "placement")
+    folders = ("networks", "instances", "floating_ips", "vni", "ipam", "mac", "floating", "locks", "placement",
+               "security_groups")
     assert {folder: store.list(folder) for folder in folders} == dict.fromkeys(folders, {})
     assert sorted(store.list("hosts")) == sorted(HOSTS)
 

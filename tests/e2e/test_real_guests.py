@@ -71,7 +71,7 @@ class RealGuests(LabCloud):
             return {"name": name, "host": host, "image": "http://%s:%d/%s" % (UNDERLAY_HOST, HTTP_PORT, file),
                     "image_checksum": "sha256:" + sums[file], "memory": 512, "cpus": 1, "networks": ["rg-net"],
                     "ssh_keys": [self.public_key], "hostname": hostname, "user_data": USER_DATA,
-                    "metadata": {"role": "web", "kernel": kernel}}
+                    "metadata": {"role": "web", "kernel": kernel}, "security_groups": ["rg-ssh"]}
 
         self.data = {
             "cloud_networks": [{"name": "rg-net", "cidr": "10.71.0.0/24", "nat": True, "egress_pool": POOL,
@@ -79,6 +79,8 @@ class RealGuests(LabCloud):
             "cloud_instances": [debian("rg-cloud", "h1", "cloud", "rg-cloud"),
                                 debian("rg-generic", "h2", "generic", "generic-one")],
             "cloud_floating_ips": [{"network": "rg-net", "instance": "rg-generic", "pool": POOL}],
+            # Ansible logs in over SSH: on the floating IP from outside the network, so the group opens port 22.
+            "cloud_security_groups": [{"name": "rg-ssh", "rules": [{"protocol": "tcp", "port": 22}]}],
             "cloud_wait_for": "ssh",
             "cloud_wait_timeout": 900,
         }
@@ -232,5 +234,6 @@ def test_real_cloud_init_guests_on_two_hosts_configured_through_the_inventory_pl
 
     teardown = cloud.playbook(ansible, "teardown")
     assert teardown.rc == 0 and teardown.failures() == [], teardown.failures()
-    folders = ("networks", "instances", "floating_ips", "ipam", "mac", "floating", "locks", "placement")
+    folders = ("networks", "instances", "floating_ips", "ipam", "mac", "floating", "locks", "placement",
+               "security_groups")
     assert {folder: store.list(folder) for folder in folders} == dict.fromkeys(folders, {})

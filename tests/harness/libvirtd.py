@@ -44,6 +44,23 @@ class Libvirtd:
 
     uri = SYSTEM_URI
 
+    @property
+    def restartable(self):
+        """Whether this harness started libvirtd, so that restarting it interrupts nobody else's daemon."""
+        return any(daemon == "libvirtd" for daemon, _pidfile in self.started)
+
+    def restart(self):
+        """Stop libvirtd (SIGTERM) and start it again, as an upgrade or a crash-and-restart would; running
+        guests keep running (libvirtd finds their QEMU again). Only a daemon this harness started."""
+        if not self.restartable:
+            raise RuntimeError("libvirtd was not started by the tests; not restarting somebody else's daemon")
+        pidfile = dict(self.DAEMONS)["libvirtd"]
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _pid_alive(pid), 30, interval=0.05, what="libvirtd exit")
+        subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
+        wait_for(libvirt_answers, 60, interval=0.2, what="libvirtd answering again on qemu:///system")
+
     def stop(self):
         for daemon, pidfile in reversed(self.started):
             try:

@@ -43,6 +43,10 @@ class MemoryStore:
         self.locked.append(name)
         yield
 
+    def held_by(self, folder_path, owner):
+        return sorted(key for key, value in self.list(folder_path).items()
+                      if "/" not in key and isinstance(value, dict) and value.get("owner") == owner)
+
     def allocate_floating(self, pool_cidr, owner, requested=None):
         pool = AddressPool(pool_cidr, what="floating pool")
         folder = "floating/%s/" % pool_key(pool_cidr)

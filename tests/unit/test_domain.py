@@ -125,3 +125,25 @@ def test_seed_cdrom_sits_on_a_virtio_scsi_controller():
     cdrom = root.find("devices/disk[@device='cdrom']/target")
     assert cdrom.get("bus") == "scsi"
     assert "ahci" not in normalised and "sata" not in normalised
+
+
+def test_the_cloud_view_leaves_out_a_domain_undefined_while_it_lists():
+    """Another run may undefine a domain between the listing and its read: cloud_info (every teardown's first
+    step) must list the others instead of failing on it."""
+    libvirt = pytest.importorskip("libvirt")
+    from ansible_collections.smallcloud.kvm.plugins.module_utils.views.cloud_view import host_domains
+
+    conn = libvirt.open("test:///default")
+    vanishing = conn.defineXML(domain.build_xml(dict(SPEC, name="vanishing")))
+
+    class UndefinedWhileListing:
+        def listAllDomains(self, flags):
+            listing = conn.listAllDomains(flags)
+            vanishing.undefine()
+            return listing
+
+    try:
+        found = host_domains(UndefinedWhileListing())
+        assert "vanishing" not in found and found  # the test driver's own domain is still listed
+    finally:
+        conn.close()

@@ -345,6 +345,15 @@ def test_applying_a_new_floating_ip_allocates_records_and_maps_it_then_a_replan_
     assert (again["changed"], again["actions"], again["address"]) == (False, [], "203.0.113.2")
 
 
+def test_an_address_a_killed_run_allocated_but_never_recorded_is_taken_back_not_leaked(world):
+    world.store.put("floating/203.0.113.0_24/203.0.113.9", {"owner": "floating_ip:web/web1"})  # the killed run's
+    world.store.put("floating/203.0.113.0_24/203.0.113.7", {"owner": "floating_ip:web/db1"})
+    result = world.converge(present(), check_mode=False)
+    assert result["address"] == "203.0.113.9"
+    assert result["actions"][0] == "allocate floating IP 203.0.113.9"
+    assert sorted(world.store.list("floating/203.0.113.0_24")) == ["203.0.113.7", "203.0.113.9"]
+
+
 def test_a_failed_mapping_of_a_new_floating_ip_releases_its_allocation(world):
     world.nft.fail = True
     with pytest.raises(CommandFailed):

@@ -159,6 +159,29 @@ def test_entry_lock_excludes_and_cleans_up(tmp_path):
         assert os.path.exists(lock_path)
 
 
+def test_a_metadata_write_that_died_before_its_rename_is_swept_with_the_entry(tmp_path, monkeypatch):
+    """A run killed while writing an entry's metadata leaves its temporary file: the entry's next locked run
+    (or its removal) sweeps it with the entry's other partial files."""
+    entry = store.Entry(str(tmp_path), "a" * 64, "qcow2")
+    entry.write_metadata({"size": 1})
+    other = store.Entry(str(tmp_path), "b" * 64, "qcow2")
+
+    def killed(_source, _target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.os, "rename", killed)
+    monkeypatch.setattr(store, "remove_quietly", lambda path: None)  # as SIGKILL: no cleanup runs
+    with pytest.raises(KeyboardInterrupt):
+        entry.write_metadata({"size": 2})
+    monkeypatch.undo()
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+    assert len(left) == 1
+    other.remove_stale_partials()
+    assert os.path.exists(tmp_path / left[0])  # another entry's sweep leaves it alone
+    entry.remove_stale_partials()
+    assert sorted(os.listdir(tmp_path)) == [entry.name + ".json"]
+
+
 def test_names_cannot_escape_the_cache(tmp_path):
     assert store.inside(str(tmp_path), "a" * 64 + ".qcow2") == str(tmp_path / ("a" * 64 + ".qcow2"))
     for name in ("../x", "/etc/passwd", "a/../../b", "..", ""):

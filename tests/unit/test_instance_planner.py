@@ -164,14 +164,18 @@ FETCH = "fetch file://{image} into *"
 CREATE_TAIL = ["create directory {dir}", "create root disk {root} on *"]
 
 
+# A new guest is started only once this host's security groups hold for it.
+GROUPS = "write this host's security groups, {name}'s included"
+
+
 @pytest.mark.parametrize("options, actions", [
     pytest.param(
         dict(networks=["web", "db"], ephemeral_disks=["1G", "2G"]),
         [FETCH, "allocate a MAC for network web", "allocate an IP on network web", "allocate a MAC for network db",
          "allocate an IP on network db"] + CREATE_TAIL + [
             "create ephemeral disk {eph0} (1G)", "create ephemeral disk {eph1} (2G)", "write seed {seed}",
-            "define domain {name} (1 vCPU, 512 MiB, qemu)", "record etcd instances/{name}", "start domain {name}",
-            "log the creation of {name}"],
+            "define domain {name} (1 vCPU, 512 MiB, qemu)", "record etcd instances/{name}", GROUPS,
+            "start domain {name}", "log the creation of {name}"],
         id="a new instance plans fetch allocations directory disks seed define record and start in that order"),
     pytest.param(
         dict(networks=[{"name": "web", "ip": "10.0.0.9"}], state="stopped", cpus=2, memory=256),
@@ -183,7 +187,7 @@ CREATE_TAIL = ["create directory {dir}", "create root disk {root} on *"]
         dict(networks=[], autostart=True, virt_type="kvm"),
         [FETCH] + CREATE_TAIL + [
             "write seed {seed}", "define domain {name} (1 vCPU, 512 MiB, kvm)", "set autostart on",
-            "record etcd instances/{name}", "start domain {name}", "log the creation of {name}"],
+            "record etcd instances/{name}", GROUPS, "start domain {name}", "log the creation of {name}"],
         id="a new instance without networks and with autostart allocates nothing and sets autostart"),
 ])
 def test_a_new_instance(world, options, actions):

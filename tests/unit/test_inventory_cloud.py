@@ -26,7 +26,7 @@ RECORDS = {
         "name": "web1", "uuid": "u-web1", "host": "hv-1.example", "state": "running", "image": "debian:12",
         "interfaces": [{"network": "web", "mac": "02:73:63:00:00:01", "ip": "10.0.0.5"},
                        {"network": "db", "mac": "02:73:63:00:00:02", "ip": "10.1.0.5"}],
-        "cpus": 1, "memory": 512, "metadata": {"role": "web", "environment": "prod"},
+        "cpus": 1, "memory": 512, "metadata": {"role": "web", "environment": "prod"}, "security_groups": ["web"],
     },
     "instances/web2": {
         "name": "web2", "uuid": "u-web2", "host": "hv-2", "state": "stopped", "image": "debian:12",
@@ -82,6 +82,7 @@ def test_host_vars_of_an_instance_with_a_floating_ip(listing):
         "smallcloud_state": "running",
         "smallcloud_floating_ips": ["203.0.113.10"],
         "smallcloud_metadata": {"role": "web", "environment": "prod"},
+        "smallcloud_security_groups": ["web"],
         "smallcloud_gateways": {
             "web": {"vtep": "192.0.2.1", "namespace": "scnet-a1", "ip": "10.0.0.1"},
             "db": {"vtep": "192.0.2.2", "namespace": "scnet-b2", "ip": "10.1.0.1"},
@@ -251,7 +252,8 @@ def etcd_plugin(**options):
     plugin = cloud.InventoryModule()
     plugin._options = {"etcd_endpoints": None, "etcd_client_config": "/nonexistent/etcd-client.json",
                        "etcd_prefix": "/smallcloud/v1", "etcd_ca_cert": None, "etcd_cert": None, "etcd_key": None,
-                       "etcd_user": "admin", "etcd_password": "s3cret-pw", "etcd_timeout": 1, **options}
+                       "etcd_user": "admin", "etcd_password": "s3cret-pw", "etcd_timeout": 1, "etcd_lock_ttl": 60,
+                       **options}
     return plugin
 
 

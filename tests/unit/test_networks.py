@@ -153,6 +153,15 @@ def test_top_records_skips_nested_keys():
     assert records.top_records({"a": 1, "a/b": 2, "c": 3}) == {"a": 1, "c": 3}
 
 
+def test_a_bare_namespace_file_is_no_namespace(tmp_path, monkeypatch):
+    """What an ``ip netns add`` killed before its bind mount leaves: a file that cannot be opened as a namespace,
+    so the network's next converge creates the namespace again instead of failing on it."""
+    monkeypatch.setattr(svc, "NETNS_DIR", str(tmp_path))
+    (tmp_path / "scnet-a1").touch()
+    assert not svc.netns_exists("scnet-a1")
+    assert not svc.netns_exists("scnet-b2")
+
+
 def test_in_netns_wraps_only_named_namespaces():
     assert svc.in_netns(None, ["nft", "list"]) == ["nft", "list"]
     assert svc.in_netns("x", ["nft"]) == ["ip", "netns", "exec", "x", "nft"]

@@ -1,6 +1,7 @@
 """The NoCloud seed: meta-data, user-data checks, network-config, hostnames, sizes of disks."""
 
 import json
+import shutil
 
 import pytest
 
@@ -177,3 +178,11 @@ def test_image_urls():
 def test_meta_data_strings_are_json_quoted():
     text = seed.meta_data('id"1', "h", [])
     assert json.loads(text.splitlines()[0].split(": ", 1)[1]) == 'id"1'
+
+
+@pytest.mark.skipif(shutil.which("genisoimage") is None, reason="genisoimage (Debian: genisoimage) builds the ISO")
+def test_writing_a_seed_removes_the_scratch_directory_of_a_run_killed_while_writing_one(tmp_path):
+    killed = tmp_path / ".seed-abc123"
+    (killed / "content").mkdir(parents=True)
+    seed.write_iso(str(tmp_path / "seed.iso"), {"meta-data": "instance-id: x\n"})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["seed.iso"]

@@ -120,6 +120,8 @@ def test_store_from_params_connects_lazily():
         ({"etcd_user": "root"}, "etcd_user"),
         ({"etcd_ca_cert": "/nonexistent/ca.pem"}, "etcd_ca_cert"),
         ({"etcd_timeout": -1}, "etcd_timeout"),
+        ({"etcd_lock_ttl": 0}, "etcd_lock_ttl 0"),
+        ({"etcd_lock_ttl": -5}, "etcd_lock_ttl -5"),
         ({"etcd_prefix": "smallcloud"}, "etcd_prefix"),
         ({"etcd_endpoints": ["gopher://x"]}, "gopher://x"),
     ],
@@ -128,6 +130,16 @@ def test_bad_connection_options_name_the_option(params, named):
     with pytest.raises(InvalidInput) as caught:
         Store.from_params(params)
     assert named in caught.value.msg
+
+
+def test_locks_default_to_the_operators_lock_ttl():
+    """etcd_lock_ttl is how long a killed run's locks outlive it: every lock that names no TTL of its own."""
+    endpoints = {"etcd_endpoints": ["http://127.0.0.1:9"]}
+    assert Store.from_params(endpoints).lock("network/web").ttl == 60
+    store = Store.from_params(dict(endpoints, etcd_lock_ttl=3))
+    assert store.lock("network/web").ttl == 3
+    assert store.lock("host/h1", ttl=30).ttl == 30
+    assert store.gateway._clients == {}  # making a lock is no request
 
 
 def test_password_never_appears_in_errors():

@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - depends on the managed host
     libvirt = None
     HAS_LIBVIRT = False
 
+REOPEN_WAIT = 30  # seconds to wait for a restarted libvirtd (it starts in a few)
 UNDEFINE_FLAGS = ("VIR_DOMAIN_UNDEFINE_MANAGED_SAVE", "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA",
                   "VIR_DOMAIN_UNDEFINE_NVRAM", "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA")
 
@@ -27,7 +28,20 @@ def open_libvirt(uri):
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as error:
-        raise HostError("cannot connect to libvirt at %s: %s" % (uri, error), uri=uri) from error
+        raise HostError("cannot connect to libvirt at %s (uri: a libvirt URI such as qemu:///system): %s"
+                        % (uri, error), uri=uri) from error
+
+
+def reopen_libvirt(uri, timeout=REOPEN_WAIT):
+    """A new connection to ``uri``, waiting up to ``timeout`` s for a libvirtd that restarted to answer again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_libvirt(uri)
+        except HostError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import seed
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.connection import (
     host_errors,
     libvirt,
+    reopen_libvirt,
     undefine_flags,
     wait_stopped,
 )
@@ -27,7 +28,8 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import 
     HostError,
     InvalidInput,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import resolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan, resolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import refresh_leases
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 
@@ -48,12 +50,13 @@ class InstanceApplier:
         self.seed_digest = (record or {}).get("seed")
         self.shutdown_deadline = None
         self.made_dir = False
+        self.taken_back = set()  # values a killed run of this instance left allocated, taken back by this run
 
     @contextlib.contextmanager
     def holding_lock(self, creating):
         """The instance's lock, held while its plan applies; a creation first checks that nobody recorded the
         instance since it was observed."""
-        with self.store.lock(self.owner, ttl=60, timeout=120):
+        with self.store.lock(self.owner, timeout=120):
             if creating:
                 self.check_record_unchanged()
             yield
@@ -66,16 +69,36 @@ class InstanceApplier:
     # allocations -----------------------------------------------------------------------------------
 
     def allocate_mac(self, requested):
+        requested = requested or self.left_over("mac", self.kept_macs())
         return self.store.allocate_mac(self.owner, requested=requested)
 
     def release_mac(self, mac):
         self.store.release_mac(mac, owner=self.owner)
 
     def allocate_ip(self, network, requested):
+        kept = [nic.get("ip") for nic in self.recorded_nics() if nic["network"] == network]
+        requested = requested or self.left_over(records.ipam_folder(network), kept)
         return self.store.allocate_ip(network, self.obs.networks()[network]["cidr"], self.owner, requested=requested)
 
     def release_ip(self, network, address):
         self.store.release_ip(network, address, owner=self.owner)
+
+    def left_over(self, folder, kept):
+        """A value of allocation ``folder`` held by this instance that is neither ``kept`` nor taken by this run:
+        one a run killed before recording it left behind, taken back instead of leaked (None: there is none)."""
+        for value in self.store.held_by(folder, self.owner):
+            if value not in kept and value not in self.taken_back:
+                self.taken_back.add(value)
+                return value
+        return None
+
+    def recorded_nics(self):
+        return (self.record or {}).get("interfaces") or []
+
+    def kept_macs(self):
+        """The MACs this instance keeps: its record's, and its domain's (which the planner adopts without one)."""
+        seen = self.obs.domain(self.name) if self.domain is not None else None
+        return [nic.get("mac") for nic in self.recorded_nics() + (seen["definition"]["nics"] if seen else [])]
 
     def release(self, nic):
         """Free an interface's IP and (when given) MAC."""
@@ -126,12 +149,19 @@ class InstanceApplier:
         """Grow a disk of the running domain (qemu-img must not touch an image in use)."""
         self.domain.blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
+    def enforce_security_groups(self):
+        """This host's guest filter (network.guest_filter) from the records as they are now."""
+        plan = Plan()
+        guest_filter.plan_from_store(plan, self.obs.host, self.store)
+        plan.apply(False)
+
     def start(self):
         """Start the domain; the record says running."""
         try:
             self.domain.create()
         except libvirt.libvirtError as error:
-            raise HostError("instance %s did not start: %s" % (self.name, error), name=self.name) from error
+            raise HostError("instance %s did not start: libvirt at %s: %s" % (self.name, self.obs.params["uri"], error),
+                            name=self.name) from error
         if self.record is not None and self.record.get("state") != "running":
             self.record = dict(self.record, state="running")
             self.store.put(self.path, self.record)
@@ -155,7 +185,27 @@ class InstanceApplier:
         wait_stopped(domain, self.shutdown_deadline)
 
     def undefine(self):
-        """Undefine the domain with every extra (managed save, snapshots, NVRAM, checkpoints)."""
+        """Undefine the domain with every extra (managed save, snapshots, NVRAM, checkpoints).
+
+        Over a new connection when the batch's broke (libvirtd restarted): as the undo of a creation that failed
+        for that reason, it must still remove the domain, or the undo leaves a domain whose disks it deleted.
+        """
+        try:
+            self.undefine_now()
+        except libvirt.libvirtError as error:
+            if error.get_error_domain() != libvirt.VIR_FROM_RPC:  # not the connection: libvirt refused
+                raise
+            self.obs.conn = reopen_libvirt(self.obs.params["uri"])
+            try:
+                self.domain = self.obs.conn.lookupByName(self.name)
+            except libvirt.libvirtError as missing:
+                if missing.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return  # the restarted libvirtd never had it: nothing to undefine
+                raise
+            self.undefine_now()
+
+    def undefine_now(self):
+        """Destroy (if running) and undefine the domain over the handle at hand."""
         if self.domain.isActive():
             self.domain.destroy()
         self.domain.undefineFlags(undefine_flags())

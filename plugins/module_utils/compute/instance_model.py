@@ -101,6 +101,7 @@ class InstanceModel:
             "bridges": {nic["network"]: self.bridge(nic["network"]) for nic in nics},
             "hostname": self.want["hostname"], "seed": seed_digest, "console_log": self.console_log,
             "autostart": self.want["autostart"], "metadata": self.want["metadata"],
+            "security_groups": self.want["security_groups"],
         }
 
     def ordered(self, nics):

@@ -23,6 +23,7 @@ class Observation:
         self.domains = {domain.name(): domain for domain in conn.listAllDomains(0)}
         self.warnings = []
         self._networks = None
+        self._security_groups = None
         self._host_memory = None
         self._images = {}
 
@@ -31,6 +32,12 @@ class Observation:
         if self._networks is None:
             self._networks = records.networks(self.store)
         return self._networks
+
+    def security_groups(self):
+        """The ``security_groups/`` records, read once when first needed."""
+        if self._security_groups is None:
+            self._security_groups = records.security_groups(self.store)
+        return self._security_groups
 
     def host_memory(self):
         """The host's memory in MiB (libvirt's node info), read once."""

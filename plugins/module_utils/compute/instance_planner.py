@@ -78,6 +78,7 @@ class InstancePlanner:
                            name=self.name)
         if self.want["state"] == "absent":
             return self.plan_absent()
+        self.check_security_groups()
         if self.seen is None or not os.path.exists(self.model.root):
             if self.seen is not None:
                 raise HostError("instance %s is defined but its root disk %s is missing; remove it with state=absent"
@@ -147,6 +148,14 @@ class InstancePlanner:
                                % (self.name, self.want["memory"], self.obs.host_memory()),
                                memory=self.want["memory"], allowed="%d..%d" % (MEMORY_MIN, self.obs.host_memory()))
 
+    def check_security_groups(self):
+        """Every security group the instance takes exists (etcd is asked only when it takes any)."""
+        missing = [group for group in self.want["security_groups"] if group not in self.obs.security_groups()]
+        if missing:
+            raise InvalidInput("instance %s: security group %s does not exist; existing groups: %s"
+                               % (self.name, ", ".join(missing), sorted(self.obs.security_groups()) or "none"),
+                               security_groups=missing, allowed=sorted(self.obs.security_groups()))
+
     # create ----------------------------------------------------------------------------------------
 
     def plan_create(self):
@@ -188,6 +197,9 @@ class InstancePlanner:
             self.plan.add("release %s and %s on network %s" % (nic.get("mac"), nic.get("ip"), nic["network"]),
                           applier.release, nic)
         if self.want["state"] == "running":
+            # A new guest's first packet already meets its security groups (the batch's end writes them again).
+            self.plan.add("write this host's security groups, %s's included" % self.name,
+                          applier.enforce_security_groups)
             self.plan.add("start domain %s" % self.name, applier.start)
         self.plan.add("log the creation of %s" % self.name, applier.log_created)
 
@@ -208,6 +220,7 @@ class InstancePlanner:
             ips=[nic.get("ip") for nic in interfaces], macs=[nic.get("mac") for nic in interfaces],
             disks=[disk["path"] for disk in self.model.disks()], console_log=self.model.console_log,
             hostname=self.want["hostname"], needs_restart=self.needs_restart, metadata=self.want["metadata"],
+            security_groups=self.want["security_groups"],
         )
 
     def plan_allocation(self, nic):

@@ -44,9 +44,10 @@ INSTANCE_OPTIONS = dict(
     shutdown_timeout=dict(type="int"),
     autostart=dict(type="bool"),
     metadata=dict(type="dict"),
+    security_groups=dict(type="list", elements="str"),
 )
 DEFAULTS = dict(cpus=1, memory=512, ephemeral_disks=[], networks=[], ssh_keys=[], state="running",
-                virt_type="auto", shutdown_timeout=60, autostart=False, metadata={})
+                virt_type="auto", shutdown_timeout=60, autostart=False, metadata={}, security_groups=[])
 METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 WAIT_FOR = ("none", "ssh")
 
@@ -186,6 +187,8 @@ def desired_instance(opts, detected_virt_type):
         virt_type=resolve_virt_type(opts.get("virt_type"), detected_virt_type),
         autostart=bool(opts.get("autostart")),
         metadata=check_metadata(opts.get("metadata"), name),
+        security_groups=list(dict.fromkeys(check_name("security group", group)
+                                           for group in opts.get("security_groups") or [])),
     )
     return want
 

@@ -29,6 +29,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_pl
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute.instance_spec import MODULE_SPEC, expand
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import ChangedMeanwhile
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
@@ -60,8 +61,36 @@ def run(module):
             planners[index] = apply_or_replan(module.params, store, conn, planner, module.check_mode)
     finally:
         conn.close()
+    host_plan = plan_guest_filter(observation, planners, module.check_mode)
+    host_plan.apply(module.check_mode)
     waited = wait_for_guests(module.params, planners, networks, floating_ips, module.check_mode)
-    return batch_result(module.params, planners, waited)
+    return with_host_plan(batch_result(module.params, planners, waited), host_plan)
+
+
+def plan_guest_filter(observation, planners, check_mode):
+    """The plan of this host's security groups (network.guest_filter), from the records as the batch left them.
+
+    Unchanged instances: the records the batch read. Changed ones: read again after the apply; in check mode
+    the table is left to the real run, which rewrites it from the records it wrote.
+    """
+    host_plan = Plan()
+    changed = any(planner.changed for planner in planners)
+    if changed and check_mode:
+        return host_plan
+    instances = records.instances(observation.store) if changed else observation.records
+    guest_filter.plan(host_plan, observation.host, instances, observation.security_groups, observation.networks)
+    return host_plan
+
+
+def with_host_plan(result, host_plan):
+    """The batch result with the host's own steps (the guest filter) added."""
+    if host_plan.changed:
+        result["changed"] = True
+        result["actions"] = [*result.get("actions", []), *("host: %s" % action for action in host_plan.actions)]
+        diff = result.setdefault("diff", {"before": {}, "after": {}})
+        diff["before"].update(host_plan.diff["before"])
+        diff["after"].update(host_plan.diff["after"])
+    return result
 
 
 def refuse_unreachable(params, wanted, networks, floating_ips):

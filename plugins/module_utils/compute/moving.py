@@ -37,6 +37,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core import command
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.hosts import instances_on
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import (
     Placements,
@@ -45,6 +46,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement impo
     placement_key,
     reservation,
 )
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
 
@@ -136,7 +138,8 @@ def step_reserve(params, store, check_mode):
     path = records.instance_key(name)
     instance, instance_rev = store.get_with_revision(path)
     if not isinstance(instance, dict):
-        raise InvalidInput("instance %s has no record; nothing to move" % name, name=name)
+        raise InvalidInput("instance %s has no record; nothing to move (recorded: %s)"
+                           % (name, ", ".join(sorted(records.instances(store))) or "none"), name=name)
     placements = Placements(store)
     placed = placements.placement_of(name)
     result = {"changed": False, "name": name, "uuid": instance.get("uuid"), "image": instance.get("image"),
@@ -241,6 +244,8 @@ def step_import(params, store, conn, check_mode):
         elif os.path.isdir(incoming):
             shutil.rmtree(incoming)
         if not domain.isActive():
+            # Its security groups hold here before it runs here (the record names this host as moving_to).
+            converge_guest_filter(store)
             domain.create()
     store.log_event("instance", name, "started on %s" % socket.gethostname())
     return {"changed": True, "actions": actions}
@@ -346,7 +351,16 @@ def step_cleanup(params, store, conn, check_mode):
             if not check_mode:
                 shutil.rmtree(directory)
             removed.append(name)
+    if removed and not check_mode:
+        converge_guest_filter(store)
     return {"changed": bool(removed), "removed": sorted(set(removed))}
+
+
+def converge_guest_filter(store):
+    """This host's security groups (network.guest_filter) made to match the records as they are now."""
+    plan = Plan()
+    guest_filter.plan_from_store(plan, socket.gethostname(), store)
+    plan.apply(False)
 
 
 def lookup(conn, name):

@@ -20,6 +20,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.documents impo
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput, MissingLibrary
 
 VOLUME_LABEL = "cidata"
+SCRATCH_PREFIX = ".seed-"  # the temporary directory in which write_iso builds a seed
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)%s(\.%s)*$" % (_LABEL, _LABEL))
 CLOUD_CONFIG = "#cloud-config"
@@ -122,7 +123,10 @@ def digest(files):
 def write_iso(path, files):
     """Build the seed ISO at ``path`` (atomically: temporary file, then rename)."""
     directory = os.path.dirname(path)
-    scratch = tempfile.mkdtemp(prefix=".seed-", dir=directory)
+    for name in os.listdir(directory):
+        if name.startswith(SCRATCH_PREFIX):  # a run killed while writing one left it (runs hold the instance's lock)
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=directory)
     try:
         content = os.path.join(scratch, "content")
         os.mkdir(content)

@@ -24,6 +24,7 @@ ETCD_ARGS = dict(
     etcd_user=dict(type="str"),
     etcd_password=dict(type="str", no_log=True),
     etcd_timeout=dict(type="int", default=10),
+    etcd_lock_ttl=dict(type="int", default=60),
 )
 
 # Matches plugins/doc_fragments/libvirt.py.

@@ -168,9 +168,16 @@ def fetch_locked(request, entry, out):
 
 
 def touch(entry, meta):
-    """Record that the entry was used now (image_cache prunes by the last use)."""
+    """Record that the entry was used now (image_cache prunes by the last use).
+
+    The instance module does so without the entry's lock: a run holding it may sweep the temporary file away
+    meanwhile (as a killed writer's), and then writes or removes the metadata itself.
+    """
     meta["last_used"] = int(time.time())
-    entry.write_metadata(meta)
+    try:
+        entry.write_metadata(meta)
+    except FileNotFoundError:
+        pass
 
 
 def describe(entry, meta):
@@ -284,7 +291,8 @@ def _download(request, entry, expected, out):
     algorithm = expected.algorithm if expected else "sha256"
     fd, partial = entry.partial(".partial")
     try:
-        handle = os.fdopen(fd, "wb")
+        os.close(fd)
+        handle = open(partial, "wb")  # by its path, which a write error names (a full cache dir: ENOSPC)
         source = fetch.open_source(request.url, request.timeout)
         try:
             result = stream.stream_to(source, handle, algorithm)

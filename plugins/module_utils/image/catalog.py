@@ -81,7 +81,8 @@ def load_file(path):
             text = handle.read()
     except OSError as error:
         raise InvalidInput(
-            "cannot read catalog_file %s: %s" % (path, error.strerror or error), catalog_file=path
+            "cannot read catalog_file %s: %s; expected a readable YAML or JSON file mapping image names to entries"
+            % (path, error.strerror or error), catalog_file=path
         ) from error
     try:
         data = json.loads(text) if path.endswith(".json") or not has_yaml() else load_yaml(text)

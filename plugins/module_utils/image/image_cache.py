@@ -184,6 +184,7 @@ def _removals(entries, params, max_age):
 def _remove_locked(entry):
     with store.EntryLock(entry.lock_path, timeout=LOCK_WAIT):
         entry.remove()
+        entry.remove_stale_partials()
 
 
 def run(module):

@@ -7,7 +7,7 @@ Layout of ``cache_dir``::
     <sha256(url)>.<format>        the image, renamed into place when complete
     <sha256(url)>.<format>.json   metadata: source URL, digests, validators, sizes, last use
     <sha256(url)>.lock            exists only while a run holds the entry's lock
-    .<sha256(url)>.*.partial      a download or conversion in progress
+    .<sha256(url)>.*.partial      a download, conversion or metadata write in progress
 """
 
 import errno
@@ -69,8 +69,9 @@ class Entry:
         return meta if meta.get("size") == size else None
 
     def write_metadata(self, meta):
-        """Write the metadata atomically (temporary file in the cache dir, then rename)."""
-        atomic_write(self.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        """Write the metadata atomically (temporary file in the cache dir, then rename); the temporary file is
+        named as the entry's partial files are, so that one a killed writer left is swept with them."""
+        atomic_write(self.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n", prefix=".%s.meta." % self.key)
 
     def exists(self):
         return os.path.lexists(self.path) or os.path.lexists(self.meta_path)
@@ -117,9 +118,9 @@ def not_writable(cache_dir, error):
     )
 
 
-def atomic_write(path, text):
+def atomic_write(path, text, prefix=".meta."):
     """Replace ``path`` with ``text`` so readers see the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".meta.", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=prefix, suffix=".partial")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

@@ -31,7 +31,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.network.addressing 
 )
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices import WAN, Handles, device_names
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
-from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store, floating_folder
 
 MODULE_SPEC = dict(
     argument_spec=with_common(
@@ -100,12 +100,12 @@ def run(module):
     try:
         runner = FloatingRunner(params, store, handles, pool)
         if params["prune"]:
-            with store.lock("floating-prune", ttl=60, timeout=120):
+            with store.lock("floating-prune", timeout=120):
                 return runner.prune(module.check_mode)
         network = params["network"] or runner.network_of_address()
         if network is None:
             return runner.plan.result(address=params["address"])  # absent, never existed: nothing to do
-        with store.lock("network/%s" % network, ttl=60, timeout=120):
+        with store.lock("network/%s" % network, timeout=120):
             facts = runner.plan_absent(network) if params["state"] == "absent" else runner.plan_present(network)
             runner.plan.apply(module.check_mode)
             return runner.plan.result(**facts)
@@ -136,7 +136,8 @@ class FloatingRunner:
         """Plan the allocation (or reuse) of the address, its record, rules, address and route; the facts."""
         network = self.store.get(records.network_key(network_name))
         if network is None:
-            raise InvalidInput("network %s does not exist" % network_name, network=network_name)
+            raise InvalidInput("network %s does not exist (known: %s)" % (
+                network_name, ", ".join(sorted(records.networks(self.store))) or "none"), network=network_name)
         if not network.get("nat"):
             raise InvalidInput("network %s has no egress (nat: false); floating IPs need nat" % network_name,
                                network=network_name)
@@ -168,6 +169,8 @@ class FloatingRunner:
     def plan_allocation(self, owner, address):
         """A step allocating ``address`` (or any free one) of the pool for ``owner``; released if a later step fails."""
         pool = self.params["pool"]
+        # Without an address of its own, the one a killed run allocated for this owner but never recorded.
+        address = address or next(iter(self.store.held_by(floating_folder(pool), owner)), None)
         return self.plan.allocate(
             "allocate %s" % ("floating IP %s" % address if address else "a floating IP from %s" % pool),
             self.store.allocate_floating, pool, owner, requested=address,
@@ -198,7 +201,8 @@ class FloatingRunner:
         for nic in (instance or {}).get("interfaces") or []:
             if nic.get("network") == network["name"] and nic.get("ip"):
                 return nic["ip"], self.params["instance"]
-        raise InvalidInput("instance %s has no address on network %s" % (self.params["instance"], network["name"]),
+        raise InvalidInput("instance %s has no address on network %s; name an instance recorded on it, or give "
+                           "fixed_ip (an address of %s)" % (self.params["instance"], network["name"], cidr),
                            instance=self.params["instance"])
 
     def existing(self, network_name, target):
@@ -330,7 +334,7 @@ class FloatingRunner:
 
     def release_under_lock(self, record, check_mode):
         """The applied plan releasing one orphan, planned and applied under its network's lock."""
-        with self.planning_apart() as plan, self.store.lock("network/%s" % record["network"], ttl=60, timeout=120):
+        with self.planning_apart() as plan, self.store.lock("network/%s" % record["network"], timeout=120):
             self.release(record)
             plan.apply(check_mode)
         return plan

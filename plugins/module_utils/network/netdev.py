@@ -125,9 +125,17 @@ class NetDev:
         return msg.get_attr("IFLA_IFNAME") if msg is not None else None
 
     def add_bridge(self, name, mtu):
-        """Create bridge ``name``, up."""
-        self._call("creating bridge %s" % name, self.ipr.link, "add", ifname=name, kind="bridge")
+        """Create bridge ``name``, up, its IPv4 traffic passed through the inet hooks (see set_bridge_filtering)."""
+        self._call("creating bridge %s" % name, self.ipr.link, "add", ifname=name, kind="bridge",
+                   br_nf_call_iptables=1)
         self.set_link(name, mtu=mtu, up=True)
+
+    def set_bridge_filtering(self, name):
+        """Pass the IPv4 frames bridge ``name`` forwards through the inet family's hooks, where the security
+        groups (conntrack: stateful) see them. Per bridge, so it holds whatever the host's
+        ``net.bridge.bridge-nf-call-iptables`` says (br_netfilter must be loaded: the hypervisor role loads it)."""
+        self._call("setting nf_call_iptables on %s" % name, self.ipr.link, "set", index=self.index(name),
+                   kind="bridge", br_nf_call_iptables=1)
 
     def add_vxlan(self, name, vni, *, local, underlay, mtu, port=VXLAN_PORT):
         """Create unicast VXLAN ``name`` (no group: peers come from FDB entries), up."""
@@ -317,4 +325,7 @@ def _summary(msg, name_of):
             "link": name_of(data.get_attr("IFLA_VXLAN_LINK")),
             "port": data.get_attr("IFLA_VXLAN_PORT"),
         }
+    elif kind == "bridge":
+        data = info.get_attr("IFLA_INFO_DATA")
+        summary["nf_call_iptables"] = bool(data and data.get_attr("IFLA_BR_NF_CALL_IPTABLES"))
     return summary

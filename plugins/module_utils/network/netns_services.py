@@ -29,12 +29,16 @@ def in_netns(netns, argv):
 
 
 def netns_exists(name):
-    """True when the named namespace exists."""
-    return os.path.exists(os.path.join(NETNS_DIR, name))
+    """True when the named namespace exists: its file is a mount of the namespace, not the bare file that an
+    ``ip netns add`` killed half way leaves (which cannot be opened as a namespace)."""
+    return os.path.ismount(os.path.join(NETNS_DIR, name))
 
 
 def netns_add(name):
-    """Create namespace ``name`` with loopback up."""
+    """Create namespace ``name`` with loopback up (over the bare file of a killed ``ip netns add``)."""
+    path = os.path.join(NETNS_DIR, name)
+    if os.path.lexists(path) and not os.path.ismount(path):
+        os.unlink(path)
     commands.run(["ip", "netns", "add", name])
     commands.run(["ip", "-n", name, "link", "set", "lo", "up"])
 

@@ -57,7 +57,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.network.devices imp
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import attached_instances, gateway_files
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state.allocators import check_vni
-from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import Store, floating_folder
 
 MTU_MIN, MTU_MAX = 576, 9000
 
@@ -91,7 +91,6 @@ MODULE_SPEC = dict(
     ),
     required_if=[("state", "present", ("cidr",))],
     mutually_exclusive=[("mesh_peers", "mesh_hosts")],
-    required_by={"egress_address": "egress_pool"},
     supports_check_mode=True,
 )
 
@@ -121,8 +120,8 @@ def validate_params(params):
     if params["egress_address"]:
         address = parse_address(params["egress_address"], "egress_address")
         if parsed["egress_pool"] is None:
-            raise InvalidInput("egress_address needs egress_pool (the pool it belongs to)",
-                               egress_address=params["egress_address"])
+            raise InvalidInput("egress_address %s needs egress_pool (the pool it belongs to)"
+                               % params["egress_address"], egress_address=params["egress_address"])
         check_usable(parsed["egress_pool"], address, "egress_address")
     return parsed
 
@@ -139,7 +138,7 @@ def run(module):
     store = Store.from_params(params)
     handles = Handles()
     try:
-        with store.lock("network/%s" % params["name"], ttl=60, timeout=120):
+        with store.lock("network/%s" % params["name"], timeout=120):
             runner = NetworkRunner(params, store, handles, parsed)
             with runner.creation_lock():
                 facts = runner.plan_absent() if params["state"] == "absent" else runner.plan_present()
@@ -176,7 +175,7 @@ class NetworkRunner:
         """
         if self.record is not None or self.params["state"] == "absent":
             return contextlib.nullcontext()
-        return self.store.lock("networks", ttl=60, timeout=120)
+        return self.store.lock("networks", timeout=120)
 
     # present -----------------------------------------------------------------------------------
 
@@ -189,6 +188,9 @@ class NetworkRunner:
             record = self.plan_create(vtep, underlay_mtu)
         else:
             record = self.plan_update(self.record, vtep, underlay_mtu)
+        if self.params["gateway"] and record.get("dhcp"):
+            # Checked while planning, before the record is written (host_plan checks the gateway's directory too).
+            svc.check_reachable_by_dnsmasq(os.path.join(self.params["state_dir"], self.params["namespace_prefix"]))
         if unresolved(record):
             # Device names and NAT rules derive from values allocated on apply: planned then.
             self.plan.expand("converge network %s on this host" % self.name, lambda: self.host_plan(record, vtep))
@@ -280,9 +282,10 @@ class NetworkRunner:
         record = self.base_record(mtu)
         record["vteps"] = [vtep]
         record["gateway_vtep"] = vtep if self.params["gateway"] else None
+        vni = self.params["vni"] or self.left_over("vni")
         record["vni"] = self.plan.allocate(
-            "allocate vni %s" % (self.params["vni"] or "from the pool"), self.store.allocate_vni, self.owner,
-            requested=self.params["vni"], release=lambda vni: self.store.release_vni(vni, owner=self.owner))
+            "allocate vni %s" % (vni or "from the pool"), self.store.allocate_vni, self.owner,
+            requested=int(vni) if vni else None, release=lambda vni: self.store.release_vni(vni, owner=self.owner))
         if self.params["nat"]:
             record["egress_address"] = self.plan_egress_allocation(self.params["egress_pool"])
         self.plan.compare("vni", None, record["vni"])
@@ -292,11 +295,17 @@ class NetworkRunner:
 
     def plan_egress_allocation(self, pool):
         """A step allocating the egress address (the one asked for, or any) from ``pool``."""
-        requested = self.params["egress_address"]
+        requested = self.params["egress_address"] or self.left_over(floating_folder(pool))
         return self.plan.allocate(
             "allocate egress address %s" % (requested or "from %s" % pool), self.store.allocate_floating, pool,
             self.owner, requested=requested,
             release=lambda address: self.store.release_floating(pool, address, owner=self.owner))
+
+    def left_over(self, folder):
+        """A value of allocation ``folder`` this network holds without a record naming it: a run killed before
+        recording it left it, and this run takes it back instead of leaking it (None: there is none)."""
+        held = self.store.held_by(folder, self.owner)
+        return held[0] if held else None
 
     def create_record(self, record):
         """Write a new network's record with its allocations filled in."""
@@ -501,9 +510,13 @@ class HostPlan:
                 self.plan.add("delete %s (a %s, not a bridge)" % (name, link["kind"]), self.host.delete_link, name)
             self.plan.add("create bridge %s (mtu %d)" % (name, self.want["mtu"]), self.host.add_bridge, name,
                           self.want["mtu"])
-        elif link["mtu"] != self.want["mtu"] or not link["up"]:
+            return
+        if link["mtu"] != self.want["mtu"] or not link["up"]:
             self.plan.add("set %s mtu %d up" % (name, self.want["mtu"]), self.host.set_link, name,
                           mtu=self.want["mtu"], up=True)
+        if not link.get("nf_call_iptables"):
+            self.plan.add("pass %s's bridged IPv4 traffic through nftables (for security groups)" % name,
+                          self.host.set_bridge_filtering, name)
 
     def vxlan(self):
         """VXLAN vx-<vni> on the underlay, enslaved to the bridge."""

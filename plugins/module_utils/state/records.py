@@ -5,9 +5,11 @@
     networks/NAME         a network          instances/NAME      an instance
     floating_ips/ADDRESS  a floating IP      ipam/NETWORK/IP     an address allocation
     vni/VNI               a VNI allocation   hosts/NAME          a hypervisor (its underlay, virt type)
+    security_groups/NAME  a security group (its rules)
 """
 
 NETWORKS, INSTANCES, FLOATING_IPS, HOSTS = "networks", "instances", "floating_ips", "hosts"
+SECURITY_GROUPS = "security_groups"
 
 
 def network_key(name):
@@ -26,8 +28,17 @@ def host_key(name):
     return "%s/%s" % (HOSTS, name)
 
 
+def security_group_key(name):
+    return "%s/%s" % (SECURITY_GROUPS, name)
+
+
 def ipam_key(network, address):
     return "ipam/%s/%s" % (network, address)
+
+
+def ipam_folder(network):
+    """The folder of a network's address allocations."""
+    return "ipam/%s" % network
 
 
 def vni_key(vni):
@@ -57,6 +68,11 @@ def floating_ips(store):
 def hosts(store):
     """``{name: record}`` of every registered hypervisor."""
     return top_records(store.list(HOSTS))
+
+
+def security_groups(store):
+    """``{name: record}`` of every security group."""
+    return top_records(store.list(SECURITY_GROUPS))
 
 
 def floating_of(name, interfaces, floating_ips):

@@ -6,7 +6,7 @@ Every module that keeps state goes through ``Store``::
 
     store = Store.from_params(module.params)      # the shared etcd_* options (args.ETCD_ARGS)
     vni = store.allocate_vni("network/web")
-    with store.lock("network/web", ttl=30):
+    with store.lock("network/web"):              # held on a lease of etcd_lock_ttl seconds
         record = store.get("networks/web")
 
 Paths are relative to ``etcd_prefix`` (default ``/smallcloud/v1``) and made of ``/``-separated
@@ -25,8 +25,8 @@ Nothing connects until the first request. Every allocation is one etcd transacti
 key only if it does not exist (create_revision == 0), so parallel controllers never hand out the same
 value; a collision is retried with another candidate. Allocation is not idempotent by owner: keep the
 value in the owner's own record, and ask for it again with ``requested`` (which returns a value the
-same owner already holds). Release is idempotent. The usual shape in a module's apply step (never in
-check mode)::
+same owner already holds); ``held_by`` finds the values of a run that died before recording them.
+Release is idempotent. The usual shape in a module's apply step (never in check mode)::
 
     with store.lock("network/" + name):
         record = store.get(path_join("networks", name))
@@ -113,6 +113,7 @@ def read_client_file(path):
 
 
 EVENTS_MAX = 100
+DEFAULT_LOCK_TTL = 60  # seconds a dead holder's lock outlives it (etcd_lock_ttl)
 MAX_ATTEMPTS = 64  # collisions tolerated per allocation before giving up
 
 
@@ -128,6 +129,11 @@ def path_join(*segments):
             )
         parts.append(text)
     return "/".join(parts)
+
+
+def floating_folder(pool_cidr):
+    """The allocation folder of the floating pool ``pool_cidr`` (for ``Store.held_by``)."""
+    return path_join("floating", pool_key(pool_cidr))
 
 
 def normalize_path(path, allow_empty=False):
@@ -181,10 +187,14 @@ def _owner_of(record):
 class Store:
     """JSON records under one etcd prefix, with allocators, locks and event logs."""
 
-    def __init__(self, gateway, prefix=DEFAULT_PREFIX, events_max=EVENTS_MAX):
+    def __init__(self, gateway, prefix=DEFAULT_PREFIX, events_max=EVENTS_MAX, lock_ttl=DEFAULT_LOCK_TTL):
         if isinstance(events_max, bool) or not isinstance(events_max, int) or events_max < 1:
             raise InvalidInput("events_max %r is not valid; expected an integer >= 1" % (events_max,))
+        if isinstance(lock_ttl, bool) or not isinstance(lock_ttl, int) or lock_ttl < 1:
+            raise InvalidInput("etcd_lock_ttl %r is not valid; expected whole seconds >= 1" % (lock_ttl,),
+                               etcd_lock_ttl=lock_ttl)
         self.gateway = gateway
+        self.lock_ttl = lock_ttl
         self.prefix = normalize_prefix(prefix)
         self.events_max = events_max
         self._taken = {}  # pool folder key -> set of taken addresses, as this Store last saw them
@@ -202,7 +212,9 @@ class Store:
             password=params.get("etcd_password"),
             timeout=params.get("etcd_timeout") or 10,
         )
-        return cls(gateway, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX, **options)
+        lock_ttl = params.get("etcd_lock_ttl")
+        return cls(gateway, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX,
+                   lock_ttl=DEFAULT_LOCK_TTL if lock_ttl is None else lock_ttl, **options)
 
     # keys ------------------------------------------------------------------------------------
 
@@ -361,12 +373,14 @@ class Store:
 
     # locks -----------------------------------------------------------------------------------
 
-    def lock(self, name, ttl=30, timeout=60):
-        """A context manager holding lock ``name`` on an etcd lease of ``ttl`` s (kept alive while held).
+    def lock(self, name, ttl=None, timeout=60):
+        """A context manager holding lock ``name`` on an etcd lease of ``ttl`` s (kept alive while held; default
+        the store's ``lock_ttl``, the operator's etcd_lock_ttl).
 
         Waits up to ``timeout`` s, then raises LockTimeout naming the lock and its holder. A holder that
         dies stops renewing, so its lock frees itself after ``ttl`` s. Not re-entrant.
         """
+        ttl = self.lock_ttl if ttl is None else ttl
         return Lock(self.gateway, self.key("locks/" + normalize_path(name)), normalize_path(name), ttl, timeout)
 
     # allocators ------------------------------------------------------------------------------
@@ -439,6 +453,15 @@ class Store:
             if self.delete(path, mod_revision=revision):
                 return True
         raise Conflict("%s changed during every release attempt; try again" % what)
+
+    def held_by(self, folder_path, owner):
+        """The values of the allocation folder ``folder_path`` (e.g. ``vni``, ``ipam/NETWORK``) held by ``owner``.
+
+        A run killed between allocating a value and recording it in its owner's record leaves the value held:
+        the owner's next run asks for it again (``requested``) instead of leaking it.
+        """
+        return sorted(key for key, record in self.list(folder_path).items()
+                      if "/" not in key and _owner_of(record) == owner)
 
     def allocate_vni(self, owner, requested=None):
         """A free VXLAN id (random in 1..16777215) recorded for ``owner``.

@@ -12,13 +12,16 @@ Nothing is changed. A re-converge with nothing to do (the common case) asks only
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.compute import instances as instance_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, validated_options, with_common
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import SmallcloudError
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host import hosts, placing
 from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images as image_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import security_groups as security_group_runner
 
 # kind -> (runner module, what names an entry in the result)
 KINDS = {
+    "security_groups": (security_group_runner, lambda params: params["name"]),
     "images": (image_runner, lambda params: params.get("name") or params.get("url")),
     "networks": (network_runner, lambda params: params["name"]),
     "instances": (instance_runner, lambda params: "this host's instances"),
@@ -29,6 +32,7 @@ KINDS = {
 MODULE_SPEC = dict(
     argument_spec=with_common(
         dict(
+            security_groups=dict(type="list", elements="dict", default=[]),
             images=dict(type="list", elements="dict", default=[]),
             networks=dict(type="list", elements="dict", default=[]),
             instances=dict(type="dict"),
@@ -66,8 +70,8 @@ def entries(params):
     batch = params["instances"] or {}
     # An instance call for a host without instances (the role's empty batch) would change nothing.
     batches = [batch] if batch.get("instances") or batch.get("name") else []
-    for kind in ("images", "networks", "instances", "floating_ips"):
-        listed = params[kind] if kind != "instances" else batches
+    for kind in ("security_groups", "images", "networks", "instances", "floating_ips"):
+        listed = (params.get(kind) or []) if kind != "instances" else batches
         for index, entry in enumerate(listed):
             options = dict(entry)
             if kind != "images":  # the image cache is no etcd client
@@ -87,7 +91,7 @@ def run(module):
         runner, label = KINDS[kind]
         checked = CheckModule(validated_options(runner.MODULE_SPEC, options, "%s[%d]" % (kind, index), kind=kind,
                                                 index=index))
-        result = runner.run(checked)
+        result = run_entry(runner, checked, "%s[%d]" % (kind, index))
         warnings += checked.warnings
         if result.get("changed"):
             changes.append({"kind": kind, "name": label(checked.params), "actions": result.get("actions", [])})
@@ -95,6 +99,14 @@ def run(module):
     for warning in warnings:
         module.warn(warning)
     return {"changed": False, "would_change": bool(changes), "changes": changes, "placements": placements}
+
+
+def run_entry(runner, checked, label):
+    """One entry's check; its refusal names the entry (``networks[0]: ...``), as the entry's options do."""
+    try:
+        return runner.run(checked)
+    except SmallcloudError as error:
+        raise type(error)("%s: %s" % (label, error.msg), **error.details) from error
 
 
 def preview_placement(params):

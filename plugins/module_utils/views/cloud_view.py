@@ -44,10 +44,16 @@ def host_domains(conn):
     """``{name: {"managed", "state", "macs", "bridges"}}`` of every domain libvirt has on this host."""
     found = {}
     for domain in conn.listAllDomains(0):
-        seen = dom_xml.observe(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        try:
+            seen = dom_xml.observe(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            active = domain.isActive()
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined since the listing, by another run: not on this host any more
+            raise
         found[domain.name()] = {
             "managed": seen["managed"],
-            "state": "running" if domain.isActive() else "stopped",
+            "state": "running" if active else "stopped",
             "macs": [nic["mac"] for nic in seen["nics"]],
             "bridges": [nic["bridge"] for nic in seen["nics"]],
         }
@@ -112,7 +118,7 @@ def run(module):
     result = {
         "changed": False, "host": host, "networks": networks, "instances": instance_records,
         "floating": store.list("floating"), "floating_ips": records.floating_ips(store),
-        "domains": domains, "differences": problems,
+        "security_groups": records.security_groups(store), "domains": domains, "differences": problems,
     }
     result.update(placement_view(store))
     if params["events"]:

@@ -197,6 +197,17 @@ def test_a_new_instance(world, options, actions):
     assert planner.creating and not planner.needs_restart
 
 
+def test_a_managed_domain_without_record_or_root_disk_is_undefined_and_created_again(world):
+    # What a creation that did not finish leaves: killed, or libvirtd gone while it undid itself.
+    world.existing(record=False, running=False)
+    os.unlink(os.path.join(world.dir, "root.qcow2"))
+    planner = world.plan(world.want(networks=["web"]))
+    assert planner.actions[0] == "undefine domain %s (left by a creation that did not finish: no record, no root " \
+                                 "disk)" % NAME
+    assert "define domain %s (1 vCPU, 512 MiB, qemu)" % NAME in planner.actions
+    assert "record etcd instances/%s" % NAME in planner.actions
+
+
 def test_a_new_instance_previews_its_diff_and_facts_with_allocations_unknown(world):
     planner = world.plan(world.want(networks=["web"]))
     diff = planner.plan.diff

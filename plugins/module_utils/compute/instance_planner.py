@@ -81,10 +81,19 @@ class InstancePlanner:
         self.check_security_groups()
         if self.seen is None or not os.path.exists(self.model.root):
             if self.seen is not None:
-                raise HostError("instance %s is defined but its root disk %s is missing; remove it with state=absent"
-                                % (self.name, self.model.root), name=self.name)
+                self.plan_leftover_undefine()
             return self.plan_create()
         return self.plan_update()
+
+    def plan_leftover_undefine(self):
+        """A managed domain without a record and without its root disk is what a creation that did not finish
+        leaves (killed, or libvirtd gone while it undid itself): undefined, then created again. With a record, the
+        disk of a real instance is gone: that is for the operator to decide."""
+        if self.record is not None or not self.seen["definition"]["managed"]:
+            raise HostError("instance %s is defined but its root disk %s is missing; remove it with state=absent"
+                            % (self.name, self.model.root), name=self.name)
+        self.plan.add("undefine domain %s (left by a creation that did not finish: no record, no root disk)"
+                      % self.name, self.applier.undefine)
 
     def lock(self):
         """What a real apply holds: the instance's lock when the plan changes anything."""

@@ -273,6 +273,11 @@ def unb64(text):
     return base64.b64decode(text or "").decode("utf-8")
 
 
+def actions_of(result):
+    """A task result's actions, or those of each of its loop's items."""
+    return result.get("actions") or [item.get("actions") for item in result.get("results") or []]
+
+
 class Run:
     """One ansible-playbook process and its JSON report."""
 
@@ -325,8 +330,7 @@ class Run:
 
     def changed_tasks(self):
         """``[(task, host, actions)]`` of every task that changed something."""
-        return [(task["task"]["name"], host, result.get("actions") or [item.get("actions") for item in
-                                                                        result.get("results") or []])
+        return [(task["task"]["name"], host, actions_of(result))
                 for play in self.report.get("plays", []) for task in play.get("tasks", [])
                 for host, result in task["hosts"].items() if result.get("changed")]
 

@@ -19,6 +19,7 @@ from harness.instances import NETWORK, domain_state, store_for, virsh
 
 pytestmark = pytest.mark.integration
 
+
 def test_lifecycle_check_apply_rerun_restart_stop_absent(cloud, ansible):
     name = cloud.name()
     args = cloud.args(name=name, disk_size="128M", ephemeral_disks=["16M"], cpus=1,

@@ -90,7 +90,8 @@ GROUPS = {"web": WEB, "locked": LOCKED}
 CIDRS = {"net1": "10.0.0.0/24"}
 
 
-def made_from(host="hv1", instances=INSTANCES):
+def made_from(host="hv1", instances=None):
+    instances = INSTANCES if instances is None else instances
     return guest_filter.inputs(guest_filter.guests_on(instances, host), instances, GROUPS)
 
 

@@ -158,7 +158,9 @@ class InstanceApplier:
     def start(self):
         """Start the domain; the record says running."""
         try:
-            self.domain.create()
+            # Another run converging the same instance may have started it between this run's look and its lock.
+            if not self.domain.isActive():
+                self.domain.create()
         except libvirt.libvirtError as error:
             raise HostError("instance %s did not start: libvirt at %s: %s" % (self.name, self.obs.params["uri"], error),
                             name=self.name) from error

@@ -28,7 +28,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import 
     HostError,
     InvalidInput,
 )
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan, resolved
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import resolved
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.leases import refresh_leases
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
@@ -151,9 +151,7 @@ class InstanceApplier:
 
     def enforce_security_groups(self):
         """This host's guest filter (network.guest_filter) from the records as they are now."""
-        plan = Plan()
-        guest_filter.plan_from_store(plan, self.obs.host, self.store)
-        plan.apply(False)
+        guest_filter.converge_now(self.obs.host, self.store)
 
     def start(self):
         """Start the domain; the record says running."""

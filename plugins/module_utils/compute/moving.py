@@ -37,7 +37,6 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.core import command
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.args import ETCD_ARGS, LIBVIRT_ARGS, with_common
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import Conflict, HostError, InvalidInput
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.names import check_name
-from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.hosts import instances_on
 from ansible_collections.smallcloud.kvm.plugins.module_utils.host.placement import (
     Placements,
@@ -245,7 +244,7 @@ def step_import(params, store, conn, check_mode):
             shutil.rmtree(incoming)
         if not domain.isActive():
             # Its security groups hold here before it runs here (the record names this host as moving_to).
-            converge_guest_filter(store)
+            guest_filter.converge_now(socket.gethostname(), store)
             domain.create()
     store.log_event("instance", name, "started on %s" % socket.gethostname())
     return {"changed": True, "actions": actions}
@@ -352,15 +351,8 @@ def step_cleanup(params, store, conn, check_mode):
                 shutil.rmtree(directory)
             removed.append(name)
     if removed and not check_mode:
-        converge_guest_filter(store)
+        guest_filter.converge_now(socket.gethostname(), store)
     return {"changed": bool(removed), "removed": sorted(set(removed))}
-
-
-def converge_guest_filter(store):
-    """This host's security groups (network.guest_filter) made to match the records as they are now."""
-    plan = Plan()
-    guest_filter.plan_from_store(plan, socket.gethostname(), store)
-    plan.apply(False)
 
 
 def lookup(conn, name):

@@ -33,6 +33,7 @@ import struct
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
+from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.security_groups import ANYWHERE
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 
@@ -234,7 +235,9 @@ def plan(target, host, instances, read_groups, read_networks):
     target.add("write nft table inet %s (%d guests, %d chains)" % (TABLE, len(guests), count), apply, text)
 
 
-def plan_from_store(target, host, store):
-    """``plan`` from the records in ``store`` as they are now."""
-    plan(target, host, records.instances(store), lambda: records.security_groups(store),
-         lambda: records.networks(store))
+def converge_now(host, store):
+    """Make the table on ``host`` (this host) match the records in ``store`` as they are now; outside a module's
+    plan (a guest about to start, an evacuation's import and cleanup)."""
+    now = Plan()
+    plan(now, host, records.instances(store), lambda: records.security_groups(store), lambda: records.networks(store))
+    now.apply(False)

@@ -89,7 +89,10 @@ def run_workers(common, state):
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, search_path, json.dumps(common), str(worker), state],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for worker in range(8)]
     outputs = [proc.communicate(timeout=600) for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _out, err in outputs]
+    failed = ["worker %d (%s) exited %d:\n%s" % (worker, state, proc.returncode, err[-3000:])
+              for worker, (proc, (_out, err)) in enumerate(zip(procs, outputs)) if proc.returncode != 0]
+    if failed:  # pytest.fail: an assert's message would be cut to a few lines, and this one is the diagnosis
+        pytest.fail("\n".join(failed), pytrace=False)
     return [item for out, _err in outputs for item in json.loads(out)]
 
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import InvalidInput
-from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import guest_filter, netlink
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.security_groups import (
     check_references,
     normalize_rules,
@@ -101,7 +101,7 @@ def test_only_this_hosts_guests_get_chains_and_remote_groups_list_members_on_eve
     assert 'oifname "br-00abc" ip daddr 10.0.0.6 jump in-plain-0' in text
     assert "10.0.0.9 jump" not in text  # web2 runs on hv2
     assert "set grp-web { type ipv4_addr; elements = { 10.0.0.5, 10.0.0.7, 10.0.0.9 }; }" in text
-    assert count == text.count("  chain ")
+    assert count == text.count("  chain ") + text.count("  set ")
 
 
 def test_ingress_defaults_to_replies_and_the_own_network_and_egress_is_open_without_egress_rules():
@@ -139,11 +139,11 @@ def test_the_digest_changes_with_rules_members_and_guests_and_only_with_them():
 
 def test_the_table_comment_is_read_back_from_the_table_user_data():
     text, count = guest_filter.script(made_from(), CIDRS)
-    comment = "smallcloud %s chains %d" % (guest_filter.digest(made_from()), count)
+    comment = "smallcloud %s objects %d" % (guest_filter.digest(made_from()), count)
     assert 'comment "%s"' % comment in text
     tlv = bytes([0, len(comment) + 1]) + comment.encode() + b"\0"
-    assert guest_filter.comment_of(tlv) == comment
-    assert guest_filter.comment_of(None) == ""
+    assert netlink.table_comment({netlink.NFTA_TABLE_USERDATA: tlv}) == comment
+    assert netlink.table_comment({}) == ""
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed")

@@ -37,6 +37,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.state.store import 
     normalize_path,
     normalize_prefix,
     path_join,
+    shared_gateways,
     utc_iso,
 )
 
@@ -111,6 +112,18 @@ def test_store_from_params_connects_lazily():
     assert store.folder("ipam/web/") == "/cloud/v1/ipam/web/"
     assert store.folder("") == "/cloud/v1/"
     assert store.gateway._clients == {}
+
+
+def test_stores_share_a_gateway_only_inside_shared_gateways():
+    """cloud_plan runs several runners in one process: one HTTP session (one TLS handshake) per endpoint for all."""
+    same = {"etcd_endpoints": ["http://127.0.0.1:9"], "etcd_prefix": "/cloud/v1"}
+    assert Store.from_params(same).gateway is not Store.from_params(same).gateway
+    with shared_gateways():
+        first, second = Store.from_params(same), Store.from_params(dict(same, etcd_lock_ttl=5))
+        other = Store.from_params(dict(same, etcd_timeout=3))
+        assert first.gateway is second.gateway and second.lock_ttl == 5
+        assert other.gateway is not first.gateway and other.gateway.timeout == 3
+    assert Store.from_params(same).gateway is not first.gateway
 
 
 @pytest.mark.parametrize(

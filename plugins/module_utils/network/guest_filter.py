@@ -24,16 +24,14 @@ The table's comment carries a digest of what it was made from and its chain coun
 unchanged reads the table with one netlink request and runs no command.
 """
 
-import errno
 import hashlib
 import json
 import os
-import socket
-import struct
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core import commands
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.plan import Plan
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netlink
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network.security_groups import ANYWHERE
 from ansible_collections.smallcloud.kvm.plugins.module_utils.state import records
 
@@ -120,15 +118,16 @@ def guest_chains(guest, rules, cidrs):
 
 
 def script(made_from, cidrs):
-    """``(nft script, chain count)``: the script that replaces the table in one transaction."""
+    """``(nft script, object count)``: the script that replaces the table in one transaction."""
     chains = [chain for guest in made_from["guests"] for chain in guest_chains(guest, made_from["rules"], cidrs)]
     dispatch = ["ct state established,related accept"]
     # Egress first: a packet between two guests here is checked by both chains before it is accepted.
     dispatch += ["%s jump %s" % (match, name) for name, _rules, match in chains if name.startswith("out-")]
     dispatch += ["%s jump %s" % (match, name) for name, _rules, match in chains if name.startswith("in-")]
-    count = 1 + len(chains)  # forward and the guests' chains: what the table's use count says
+    # What the kernel's use count of the table says: forward, the guests' chains and the remote groups' sets.
+    count = 1 + len(chains) + len(made_from["members"])
     lines = ["table inet %s" % TABLE, "delete table inet %s" % TABLE, "table inet %s {" % TABLE,
-             '  comment "%s %s chains %d"' % (COMMENT_PREFIX, digest(made_from), count)]
+             '  comment "%s %s objects %d"' % (COMMENT_PREFIX, digest(made_from), count)]
     for group, members in sorted(made_from["members"].items()):
         elements = " elements = { %s };" % ", ".join(members) if members else ""
         lines.append("  set grp-%s { type ipv4_addr;%s }" % (group, elements))
@@ -143,59 +142,19 @@ def script(made_from, cidrs):
 
 
 def observe():
-    """``{"digest", "chains"}`` of the table on this host as its comment records them, and ``"counted"``, the
-    chains it has; None without the table. One netlink request, no command, nothing imported."""
-    attributes = get_table(TABLE)
-    if attributes is None:
+    """``{"digest", "objects"}`` of the table on this host as its comment records them, and ``"counted"``, the
+    chains and sets it holds; None without the table. One netlink request, no command, nothing imported."""
+    try:
+        table = netlink.get_table(NFPROTO_INET, TABLE)
+    except OSError as error:
+        raise HostError("reading nft table inet %s failed: %s" % (TABLE, error)) from error
+    if table is None:
         return None
-    counted = struct.unpack(">I", attributes[NFTA_TABLE_USE])[0] if NFTA_TABLE_USE in attributes else None
-    words = comment_of(attributes.get(NFTA_TABLE_USERDATA)).split()
-    if len(words) == 4 and words[0] == COMMENT_PREFIX and words[2] == "chains" and words[3].isdigit():
-        return {"digest": words[1], "chains": int(words[3]), "counted": counted}
-    return {"digest": None, "chains": None, "counted": counted}
-
-
-# nfnetlink: NFT_MSG_GETTABLE of one table (pyroute2 would do, at a fifth of a second of imports per run).
-NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE, NLM_F_REQUEST, NLMSG_ERROR = 12, 10, 1, 1, 2
-NFTA_TABLE_NAME, NFTA_TABLE_USE, NFTA_TABLE_USERDATA = 1, 3, 6
-
-
-def netlink_attribute(kind, data):
-    length = 4 + len(data)
-    return struct.pack("=HH", length, kind) + data + b"\0" * (-length % 4)
-
-
-def get_table(name):
-    """``{attribute type: bytes}`` of inet table ``name`` in this network namespace, or None."""
-    body = struct.pack("=BBH", NFPROTO_INET, 0, 0) + netlink_attribute(NFTA_TABLE_NAME, name.encode() + b"\0")
-    request = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NLM_F_REQUEST,
-                          1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.send(request)
-        answer = sock.recv(65536)
-    length, kind = struct.unpack_from("=IH", answer)
-    if kind == NLMSG_ERROR:
-        code = -struct.unpack_from("=i", answer, 16)[0]
-        if code == errno.ENOENT:
-            return None
-        raise HostError("reading nft table inet %s failed: %s" % (name, os.strerror(code)))
-    attributes, offset = {}, 16 + 4  # netlink header, nfgenmsg
-    while offset + 4 <= length:
-        size, kind = struct.unpack_from("=HH", answer, offset)
-        attributes[kind & 0x3FFF] = answer[offset + 4:offset + size]
-        offset += (size + 3) & ~3
-    return attributes
-
-
-def comment_of(userdata):
-    """The comment in a table's user data (TLVs: type 0 is the comment, NUL-terminated), or ""."""
-    data = bytes(userdata or b"")
-    while len(data) >= 2:
-        kind, length = data[0], data[1]
-        if kind == 0:
-            return data[2:2 + length].rstrip(b"\0").decode("utf-8", "replace")
-        data = data[2 + length:]
-    return ""
+    counted = netlink.table_use(table)
+    words = netlink.table_comment(table).split()
+    if len(words) == 4 and words[0] == COMMENT_PREFIX and words[2] == "objects" and words[3].isdigit():
+        return {"digest": words[1], "objects": int(words[3]), "counted": counted}
+    return {"digest": None, "objects": None, "counted": counted}
 
 
 def apply(text, proc_root="/proc"):
@@ -220,19 +179,20 @@ def plan(target, host, instances, read_groups, read_networks):
     seen = observe()
     if not guests:
         if seen is not None:
-            target.compare("guest_filter", "%s chains" % seen["counted"], None)
+            target.compare("guest_filter", "%s chains and sets" % seen["counted"], None)
             target.add("delete nft table inet %s (no guest on this host)" % TABLE, remove)
         return
     in_groups = any(record.get("security_groups") for record in guests.values())
     made_from = inputs(guests, instances, read_groups() if in_groups else {})
     wanted = digest(made_from)
-    if seen is not None and seen["digest"] == wanted and seen["chains"] == seen["counted"]:
+    if seen is not None and seen["digest"] == wanted and seen["objects"] == seen["counted"]:
         return
     cidrs = {name: record.get("cidr") for name, record in read_networks().items() if isinstance(record, dict)}
     text, count = script(made_from, cidrs)
-    target.compare("guest_filter", seen and "%s (%s chains)" % (seen["digest"], seen["counted"]),
-                   "%s (%d chains)" % (wanted, count))
-    target.add("write nft table inet %s (%d guests, %d chains)" % (TABLE, len(guests), count), apply, text)
+    target.compare("guest_filter", seen and "%s (%s chains and sets)" % (seen["digest"], seen["counted"]),
+                   "%s (%d chains and sets)" % (wanted, count))
+    target.add("write nft table inet %s (%d guests, %d chains and sets)" % (TABLE, len(guests), count), apply,
+               text)
 
 
 def converge_now(host, store):

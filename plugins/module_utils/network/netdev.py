@@ -1,30 +1,29 @@
 # Copyright: smallcloud developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Links, bridge, VXLAN, FDB, addresses and routes in one network namespace, through pyroute2.
+"""Links, bridge, VXLAN, FDB, addresses and routes in one network namespace.
 
-``NetDev(netns)`` opens netlink in the named namespace (``None``: the caller's own namespace, the
-host's root namespace on a hypervisor). Every method raises HostError naming the interface on failure.
+``NetDev(netns)`` works in the named namespace (``None``: the caller's own namespace, the host's root namespace
+on a hypervisor). It reads over rtnetlink with the standard library (network/netlink.py) and changes things
+through pyroute2, imported by the first change: a re-run that finds everything in place never imports it.
+Every method raises HostError naming the interface on failure.
 """
 
 import errno
+import importlib.util
 import os
+import socket
+import struct
 
 from ansible_collections.smallcloud.kvm.plugins.module_utils.core.errors import HostError, MissingLibrary
+from ansible_collections.smallcloud.kvm.plugins.module_utils.network import netlink
 
-try:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-    from pyroute2.netlink.exceptions import NetlinkError
-    from pyroute2.netlink.rtnl import RTM_GETNEIGH
-    from pyroute2.netlink.rtnl.ndmsg import ndmsg
-    from pyroute2.netns import setns
+# Looked for here, imported by the first change (load_pyroute2): see the module's docstring.
+HAS_PYROUTE2 = importlib.util.find_spec("pyroute2") is not None
+IPRoute = None
 
-    HAS_PYROUTE2 = True
-except ImportError:  # pragma: no cover - depends on the managed host
-    HAS_PYROUTE2 = False
 
-    class NetlinkError(Exception):
-        """Stand-in so except clauses stay valid without pyroute2."""
+class NetlinkError(Exception):
+    """pyroute2's NetlinkError once pyroute2 is loaded; until then nothing can raise it."""
 
 
 ZERO_MAC = "00:00:00:00:00:00"
@@ -32,11 +31,37 @@ VXLAN_PORT = 4789
 IFNAMSIZ = 15
 DUMP_RETRIES = 10
 
+# rtnetlink (linux/rtnetlink.h, if_link.h, if_addr.h, neighbour.h): the messages and attributes read here.
+RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH = 18, 22, 26, 30
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, protocol, scope, type, flags
+NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 4, 10, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_PORT = 1, 3, 4, 15
+IFLA_BR_NF_CALL_IPTABLES = 36
+IFA_ADDRESS = 1
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+AF_BRIDGE, MAIN_TABLE, IFF_UP = 7, 254, 1
+
 
 def require_pyroute2():
-    """Raise MissingLibrary unless pyroute2 imports."""
+    """Raise MissingLibrary unless pyroute2 is installed."""
     if not HAS_PYROUTE2:
         raise MissingLibrary("pyroute2 is required on the managed host (Debian: python3-pyroute2)", library="pyroute2")
+
+
+def load_pyroute2():
+    """Import pyroute2's IPRoute and NetlinkError once (the module-level names)."""
+    global IPRoute, NetlinkError  # noqa: PLW0603 - bound on first use, see HAS_PYROUTE2
+    require_pyroute2()
+    if IPRoute is None:
+        from pyroute2 import IPRoute as iproute  # noqa: PLC0415 - see HAS_PYROUTE2
+        from pyroute2.netlink.exceptions import NetlinkError as netlink_error  # noqa: PLC0415
+
+        IPRoute, NetlinkError = iproute, netlink_error
 
 
 class NetDev:
@@ -46,10 +71,11 @@ class NetDev:
         require_pyroute2()
         self.netns = netns
         self.path = os.path.join(netns_dir, netns) if netns else None
+        self._ipr = None
         self._strict = None
         try:
-            self.ipr = _socket_in(self.path) if netns else IPRoute()
-        except (OSError, NetlinkError) as error:
+            self.rtnl = netlink.Socket(netlink.NETLINK_ROUTE, self.path)
+        except OSError as error:
             raise HostError("cannot open network namespace %s: %s" % (netns, error), netns=netns) from error
 
     def __enter__(self):
@@ -60,12 +86,20 @@ class NetDev:
 
     def close(self):
         """Close the netlink sockets."""
-        self.ipr.close()
-        if self._strict is not None:
-            self._strict.close()
+        for opened in (self.rtnl, self._ipr, self._strict):
+            if opened is not None:
+                opened.close()
+
+    @property
+    def ipr(self):
+        """pyroute2's IPRoute in this namespace, for changes; opened (and pyroute2 imported) on first use."""
+        if self._ipr is None:
+            load_pyroute2()
+            self._ipr = netlink.in_namespace(self.path, IPRoute)
+        return self._ipr
 
     def _call(self, what, function, *args, **kwargs):
-        """Run one netlink request; NetlinkError becomes HostError naming ``what``."""
+        """Run one pyroute2 request; NetlinkError becomes HostError naming ``what``."""
         for attempt in range(DUMP_RETRIES):
             try:
                 return function(*args, **kwargs)
@@ -79,50 +113,66 @@ class NetDev:
                 ) from error
         return None  # not reached: the last attempt returns or raises
 
+    def _read(self, what, kind, body, dump=True, sock=None):
+        """``[(type, payload)]`` of one rtnetlink read, a dump asked again when it raced with a change; HostError
+        naming ``what`` on a refusal."""
+        for attempt in range(DUMP_RETRIES):
+            try:
+                return (sock or self.rtnl).request(kind, body, dump=dump)
+            except netlink.DumpInterrupted:
+                if attempt + 1 == DUMP_RETRIES:
+                    raise HostError("%s in namespace %s: the dump was interrupted %d times"
+                                    % (what, self.netns or "(root)", DUMP_RETRIES), netns=self.netns) from None
+            except OSError as error:
+                raise HostError("%s failed in namespace %s: %s" % (what, self.netns or "(root)", error),
+                                netns=self.netns) from error
+        return []  # not reached
+
     # links -----------------------------------------------------------------------------------
 
     def index(self, name):
         """The ifindex of ``name``, or None."""
-        found = self._call("looking up %s" % name, self.ipr.link_lookup, ifname=name)
-        return found[0] if found else None
+        found = self._get_link(name=name)
+        return found["index"] if found else None
 
     def links(self):
         """``{name: summary}`` of every link: kind, index, mtu, up, master (name), vxlan settings."""
-        raw = self._call("listing links", self.ipr.get_links)
-        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in raw}
-        return {names[msg["index"]]: _summary(msg, names.get) for msg in raw}
+        found = self._dump_links()
+        names = {link["index"]: link["name"] for link in found}
+        return {link["name"]: _summary(link, names.get) for link in found}
 
     def link(self, name):
         """The summary of link ``name`` (see links()), or None; asks for that one link only."""
-        msg = self._get_link(ifname=name)
-        return _summary(msg, self._name_of) if msg is not None else None
+        found = self._get_link(name=name)
+        return _summary(found, self._name_of) if found is not None else None
 
-    def _get_link(self, **which):
-        """One RTM_GETLINK answer, or None when there is no such link."""
-        try:
-            return self._call_raw(self.ipr.link, "get", **which)[0]
-        except NetlinkError as error:
-            if error.code == errno.ENODEV:
+    def _dump_links(self):
+        return [_link(payload) for _kind, payload in
+                self._read("listing links", RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
+
+    def _get_link(self, name=None, index=None):
+        """One link (``_link``) by name or index, or None when there is no such link."""
+        body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, index or 0, 0, 0)
+        if name is not None:
+            if len(name.encode()) > IFNAMSIZ:  # the kernel refuses such a name (EINVAL): no link can have it
                 return None
-            raise HostError("looking up link %s failed in namespace %s: %s" % (which, self.netns or "(root)", error),
+            body += netlink.attribute(IFLA_IFNAME, name.encode() + b"\0")
+        try:
+            answer = self.rtnl.request(RTM_GETLINK, body)
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                return None
+            what = name or index
+            raise HostError("looking up link %s failed in namespace %s: %s" % (what, self.netns or "(root)", error),
                             netns=self.netns) from error
-
-    def _call_raw(self, function, *args, **kwargs):
-        """Run one netlink request, retrying interrupted dumps; NetlinkError propagates."""
-        for attempt in range(DUMP_RETRIES):
-            try:
-                return function(*args, **kwargs)
-            except NetlinkError as error:
-                if error.code != -1 or attempt + 1 == DUMP_RETRIES:
-                    raise
-        return None  # not reached
+        return _link(answer[0][1]) if answer else None
 
     def _name_of(self, index):
         """The name of the link with ``index`` (None for none)."""
         if not index:
             return None
-        msg = self._get_link(index=index)
-        return msg.get_attr("IFLA_IFNAME") if msg is not None else None
+        found = self._get_link(index=index)
+        return found["name"] if found is not None else None
 
     def add_bridge(self, name, mtu):
         """Create bridge ``name``, up, its IPv4 traffic passed through the inet hooks (see set_bridge_filtering)."""
@@ -187,8 +237,14 @@ class NetDev:
         index = self.index(name)
         if index is None:
             return []
-        raw = self._call("listing addresses of %s" % name, self.ipr.get_addr, family=2, index=index)
-        return sorted("%s/%d" % (msg.get_attr("IFA_ADDRESS"), msg["prefixlen"]) for msg in raw)
+        found = []
+        for _kind, payload in self._read("listing addresses of %s" % name, RTM_GETADDR,
+                                         IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
+            family, prefix, _flags, _scope, owner = IFADDRMSG.unpack_from(payload)
+            address = netlink.attributes(payload, IFADDRMSG.size).get(IFA_ADDRESS)
+            if family == socket.AF_INET and owner == index and address:
+                found.append("%s/%d" % (socket.inet_ntoa(address), prefix))
+        return sorted(found)
 
     def add_address(self, name, address):
         """Add 'a.b.c.d/len' to ``name``."""
@@ -204,12 +260,16 @@ class NetDev:
 
     def routes(self):
         """Sorted main-table IPv4 routes as (dst 'a.b.c.d/len', gateway or None, device name)."""
-        links = self._call("listing links", self.ipr.get_links)
-        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in links}
+        names = {link["index"]: link["name"] for link in self._dump_links()}
         out = []
-        for msg in self._call("listing routes", self.ipr.get_routes, family=2, table=254):
-            dst = "%s/%d" % (msg.get_attr("RTA_DST") or "0.0.0.0", msg["dst_len"])  # noqa: S104 - a route, not a bind
-            out.append((dst, msg.get_attr("RTA_GATEWAY"), names.get(msg.get_attr("RTA_OIF"))))
+        for _kind, payload in self._read("listing routes", RTM_GETROUTE, RTMSG.pack(socket.AF_INET, *[0] * 8)):
+            fields = RTMSG.unpack_from(payload)
+            found = netlink.attributes(payload, RTMSG.size)
+            table = netlink.u32(found.get(RTA_TABLE)) or fields[4]
+            if fields[0] != socket.AF_INET or table != MAIN_TABLE:
+                continue
+            dst = "%s/%d" % (_ipv4(found.get(RTA_DST)) or "0.0.0.0", fields[1])  # noqa: S104 - a route, not a bind
+            out.append((dst, _ipv4(found.get(RTA_GATEWAY)), names.get(netlink.u32(found.get(RTA_OIF)))))
         return sorted(out, key=lambda route: (route[0], route[1] or "", route[2] or ""))
 
     def default_route_device(self):
@@ -249,30 +309,26 @@ class NetDev:
         if index is None:
             return []
         peers = set()
-        for msg in self._fdb_dump(name, index):
-            if msg["ifindex"] == index and msg.get_attr("NDA_LLADDR") == ZERO_MAC and msg.get_attr("NDA_DST"):
-                peers.add(msg.get_attr("NDA_DST"))
+        for _kind, payload in self._fdb_dump(name, index):
+            owner = NDMSG.unpack_from(payload)[1]
+            found = netlink.attributes(payload, NDMSG.size)
+            if owner == index and _mac(found.get(NDA_LLADDR)) == ZERO_MAC and found.get(NDA_DST):
+                peers.add(_ip(found[NDA_DST]))
         return sorted(peers)
 
     def _fdb_dump(self, name, index):
-        """FDB entries of one port, filtered by the kernel (strict checking + NDA_IFINDEX).
-
-        pyroute2's fdb("dump", ifindex=...) dumps every entry of the namespace and filters in Python,
-        which grows with the number of networks on the host.
-        """
+        """FDB entries of one port, filtered by the kernel (strict checking + NDA_IFINDEX); a kernel without
+        strict dump checking (< 4.20) dumps every entry of the namespace, filtered by the caller."""
+        what = "listing FDB of %s" % name
         if self._strict is None:
-            opener = (lambda: _socket_in(self.path, strict_check=True)) if self.path else (
-                lambda: IPRoute(strict_check=True))
-            self._strict = self._call("opening a strict netlink socket", opener)
-        request = ndmsg()
-        request["family"] = 7  # AF_BRIDGE
-        request["attrs"] = [("NDA_IFINDEX", index)]
-        try:
-            return self._call_raw(self._strict.nlm_request, request, msg_type=RTM_GETNEIGH,
-                                  msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
-        except NetlinkError:
-            # Kernels without strict dump checking: the unfiltered dump, filtered by the caller.
-            return self._call("listing FDB of %s" % name, self.ipr.fdb, "dump", ifindex=index)
+            try:
+                self._strict = netlink.Socket(netlink.NETLINK_ROUTE, self.path, strict=True)
+            except OSError:
+                self._strict = False
+        if self._strict:
+            return self._read(what, RTM_GETNEIGH, NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)
+                              + netlink.attribute(NDA_IFINDEX, struct.pack("=I", index)), sock=self._strict)
+        return self._read(what, RTM_GETNEIGH, NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0))
 
     def add_fdb_peer(self, name, peer):
         """Flood broadcast/unknown traffic of ``name`` to ``peer`` too (head-end replication)."""
@@ -285,47 +341,47 @@ class NetDev:
                    lladdr=ZERO_MAC, dst=peer)
 
 
-def _socket_in(path, **options):
-    """An IPRoute socket bound to the namespace at ``path``.
-
-    The calling thread enters the namespace just long enough to open the socket (the socket keeps it),
-    then returns. setns() is per thread, so other threads (etcd lease keep-alives) are unaffected, and
-    nothing forks: pyroute2's NetNS forks a helper, which can deadlock on locks held by other threads.
-    """
-    target = os.open(path, os.O_RDONLY)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        setns(target, flags=0)
-        try:
-            return IPRoute(**options)
-        finally:
-            setns(home, flags=0)
-    finally:
-        os.close(target)
-        os.close(home)
+def _ipv4(payload):
+    return socket.inet_ntoa(payload) if payload and len(payload) == 4 else None
 
 
-def _summary(msg, name_of):
-    """The parts of an RTM_NEWLINK message a network converge compares; ``name_of`` maps ifindex -> name."""
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+def _ip(payload):
+    return socket.inet_ntop(socket.AF_INET if len(payload) == 4 else socket.AF_INET6, payload)
+
+
+def _mac(payload):
+    return ":".join("%02x" % byte for byte in payload) if payload else None
+
+
+def _link(payload):
+    """An RTM_NEWLINK message as ``{"index", "flags", "name", "attrs", "info": {kind, data}}``."""
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(payload)
+    found = netlink.attributes(payload, IFINFOMSG.size)
+    info = netlink.attributes(found[IFLA_LINKINFO]) if IFLA_LINKINFO in found else {}
+    return {"index": index, "flags": flags, "name": netlink.text(found.get(IFLA_IFNAME)), "attrs": found,
+            "kind": netlink.text(info.get(IFLA_INFO_KIND)),
+            "data": netlink.attributes(info[IFLA_INFO_DATA]) if IFLA_INFO_DATA in info else {}}
+
+
+def _summary(link, name_of):
+    """The parts of a link a network converge compares; ``name_of`` maps ifindex -> name."""
+    found, data, kind = link["attrs"], link["data"], link["kind"]
     summary = {
-        "index": msg["index"],
+        "index": link["index"],
         "kind": kind,
-        "mtu": msg.get_attr("IFLA_MTU"),
-        "up": bool(msg["flags"] & 1),
-        "master": name_of(msg.get_attr("IFLA_MASTER")),
-        "mac": msg.get_attr("IFLA_ADDRESS"),
+        "mtu": netlink.u32(found.get(IFLA_MTU)),
+        "up": bool(link["flags"] & IFF_UP),
+        "master": name_of(netlink.u32(found.get(IFLA_MASTER))),
+        "mac": _mac(found.get(IFLA_ADDRESS)),
     }
     if kind == "vxlan":
-        data = info.get_attr("IFLA_INFO_DATA")
+        port = data.get(IFLA_VXLAN_PORT)
         summary["vxlan"] = {
-            "id": data.get_attr("IFLA_VXLAN_ID"),
-            "local": data.get_attr("IFLA_VXLAN_LOCAL"),
-            "link": name_of(data.get_attr("IFLA_VXLAN_LINK")),
-            "port": data.get_attr("IFLA_VXLAN_PORT"),
+            "id": netlink.u32(data.get(IFLA_VXLAN_ID)),
+            "local": _ipv4(data.get(IFLA_VXLAN_LOCAL)),
+            "link": name_of(netlink.u32(data.get(IFLA_VXLAN_LINK))),
+            "port": struct.unpack(">H", port)[0] if port else None,
         }
     elif kind == "bridge":
-        data = info.get_attr("IFLA_INFO_DATA")
-        summary["nf_call_iptables"] = bool(data and data.get_attr("IFLA_BR_NF_CALL_IPTABLES"))
+        summary["nf_call_iptables"] = bool(data.get(IFLA_BR_NF_CALL_IPTABLES, b"\0")[0])
     return summary

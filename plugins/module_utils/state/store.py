@@ -44,6 +44,7 @@ StoreAuthError (credentials or TLS refused), PoolExhausted (``pool`` names it), 
 names the holder), LockTimeout (``lock`` and ``holder``), InvalidInput (a bad name, CIDR, VNI, MAC).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -115,6 +116,22 @@ def read_client_file(path):
 EVENTS_MAX = 100
 DEFAULT_LOCK_TTL = 60  # seconds a dead holder's lock outlives it (etcd_lock_ttl)
 MAX_ATTEMPTS = 64  # collisions tolerated per allocation before giving up
+
+# etcd options -> EtcdGateway, while shared_gateways() is on (None: every Store gets its own gateway).
+_SHARED_GATEWAYS = None
+
+
+@contextlib.contextmanager
+def shared_gateways():
+    """Within: every Store made from the same etcd options shares one gateway, so one HTTP session (one TLS
+    handshake) per endpoint. For runners called one after another in one process (cloud_plan), each of which
+    makes its own Store; a lock's keep-alive thread still clones its own."""
+    global _SHARED_GATEWAYS  # noqa: PLW0603 - on for the duration of the block only
+    _SHARED_GATEWAYS = {}
+    try:
+        yield
+    finally:
+        _SHARED_GATEWAYS = None
 
 
 def path_join(*segments):
@@ -203,15 +220,14 @@ class Store:
     def from_params(cls, params, **options):
         """A Store from a module's params (the keys of args.ETCD_ARGS); no connection yet."""
         settings = client_settings(params)
-        gateway = EtcdGateway(
-            settings["endpoints"],
-            ca_cert=settings["ca_cert"],
-            cert=settings["cert"],
-            key=settings["key"],
-            user=params.get("etcd_user"),
-            password=params.get("etcd_password"),
-            timeout=params.get("etcd_timeout") or 10,
-        )
+        connection = dict(ca_cert=settings["ca_cert"], cert=settings["cert"], key=settings["key"],
+                          user=params.get("etcd_user"), password=params.get("etcd_password"),
+                          timeout=params.get("etcd_timeout") or 10)
+        shared = _SHARED_GATEWAYS if _SHARED_GATEWAYS is not None else {}
+        same = json.dumps([settings["endpoints"], connection], sort_keys=True)
+        gateway = shared.get(same)
+        if gateway is None:
+            gateway = shared[same] = EtcdGateway(settings["endpoints"], **connection)
         lock_ttl = params.get("etcd_lock_ttl")
         return cls(gateway, prefix=params.get("etcd_prefix") or DEFAULT_PREFIX,
                    lock_ttl=DEFAULT_LOCK_TTL if lock_ttl is None else lock_ttl, **options)

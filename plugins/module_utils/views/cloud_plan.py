@@ -18,6 +18,7 @@ from ansible_collections.smallcloud.kvm.plugins.module_utils.image import images
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import floating_ips as floating_ip_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import networks as network_runner
 from ansible_collections.smallcloud.kvm.plugins.module_utils.network import security_groups as security_group_runner
+from ansible_collections.smallcloud.kvm.plugins.module_utils.state import store
 
 # kind -> (runner module, what names an entry in the result)
 KINDS = {
@@ -83,6 +84,12 @@ def run(module):
     """Entry point for run_module: the entries in check mode, in the role's order, up to the first that
     would change something (``would_change``). It stops there: a later entry's check may depend on that
     change (an instance on a network this run would create), and one change is enough to converge."""
+    with store.shared_gateways():
+        return plan(module)
+
+
+def plan(module):
+    """What run() returns, the Stores of every runner sharing their etcd connection."""
     placements, changes = preview_placement(module.params)
     if changes:
         return {"changed": False, "would_change": True, "changes": changes, "placements": placements}

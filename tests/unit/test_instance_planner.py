@@ -353,6 +353,14 @@ def test_absent_cleans_up_the_leftovers_of_an_instance_whose_domain_is_gone(worl
     assert planner.plan.diff["before"] == {"state": "leftovers"}
 
 
+def test_absent_releases_a_mac_a_killed_run_allocated_and_never_recorded(world):
+    world.store.put("mac/02:73:63:00:00:09", {"owner": "instance/" + NAME})  # the run died before its record
+    world.store.put("mac/02:73:63:00:00:0a", {"owner": "instance/other"})
+    planner = world.plan(world.want(state="absent"))
+    assert planner.plan.actions == ["release MAC 02:73:63:00:00:09 (allocated, never recorded)"]
+    assert planner.plan.diff["before"] == {"state": "leftovers"}
+
+
 # refused -------------------------------------------------------------------------------------------
 
 

@@ -388,9 +388,12 @@ class InstancePlanner:
         before = "absent"
         # The capacity reserved for it (host.placement), also when creating it never got that far.
         placed = self.obs.store.get(placement_key(self.name))
+        # MACs a run that died before recording them left held (an IP left so goes with its network's ipam).
+        recorded_macs = {nic.get("mac") for nic in (self.record or {}).get("interfaces") or []}
+        stray_macs = [mac for mac in self.obs.store.held_by("mac", self.applier.owner) if mac not in recorded_macs]
         if self.seen is not None:
             before = self.seen["state"]
-        elif self.record is not None or os.path.isdir(self.model.dir) or placed is not None:
+        elif self.record is not None or os.path.isdir(self.model.dir) or placed is not None or stray_macs:
             before = "leftovers"
         self.plan.compare("state", before, "absent")
         if self.seen is not None:
@@ -406,6 +409,8 @@ class InstancePlanner:
                               self.applier.release, nic)
             self.plan.add("delete etcd %s" % self.applier.path, self.applier.forget,
                           [nic["network"] for nic in interfaces])
+        for mac in stray_macs:
+            self.plan.add("release MAC %s (allocated, never recorded)" % mac, self.applier.release_mac, mac)
         if placed is not None:
             self.plan.add("release the placement on %s" % placed.get("host"), Placements(self.obs.store).release,
                           self.name)

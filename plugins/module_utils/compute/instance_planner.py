@@ -389,7 +389,7 @@ class InstancePlanner:
         # The capacity reserved for it (host.placement), also when creating it never got that far.
         placed = self.obs.store.get(placement_key(self.name))
         # MACs a run that died before recording them left held (an IP left so goes with its network's ipam).
-        recorded_macs = {nic.get("mac") for nic in (self.record or {}).get("interfaces") or []}
+        recorded_macs = {nic.get("mac") for nic in self.applier.recorded_nics()}
         stray_macs = [mac for mac in self.obs.store.held_by("mac", self.applier.owner) if mac not in recorded_macs]
         if self.seen is not None:
             before = self.seen["state"]

@@ -99,19 +99,13 @@ class NetDev:
         return self._ipr
 
     def _call(self, what, function, *args, **kwargs):
-        """Run one pyroute2 request; NetlinkError becomes HostError naming ``what``."""
-        for attempt in range(DUMP_RETRIES):
-            try:
-                return function(*args, **kwargs)
-            except NetlinkError as error:
-                # A dump races with changes other runs make in the same namespace: the kernel says
-                # "dump interrupted" (code -1) and asking again is the documented answer.
-                if error.code == -1 and attempt + 1 < DUMP_RETRIES:
-                    continue
-                raise HostError(
-                    "%s failed in namespace %s: %s" % (what, self.netns or "(root)", error), netns=self.netns
-                ) from error
-        return None  # not reached: the last attempt returns or raises
+        """Run one pyroute2 change (no dump: reads go through _read); NetlinkError becomes HostError naming
+        ``what``."""
+        try:
+            return function(*args, **kwargs)
+        except NetlinkError as error:
+            raise HostError("%s failed in namespace %s: %s" % (what, self.netns or "(root)", error),
+                            netns=self.netns) from error
 
     def _read(self, what, kind, body, dump=True, sock=None):
         """``[(type, payload)]`` of one rtnetlink read, a dump asked again when it raced with a change; HostError
